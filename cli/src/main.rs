@@ -1,0 +1,325 @@
+//! `taskmesh`: the single binary — worker, provision, enqueue, dev, bench.
+
+mod bench;
+mod dev;
+mod logging;
+mod server;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use taskmesh_nats::{Client, Connection, EnqueueOptions};
+use taskmesh_shared::config::parse_duration;
+use taskmesh_shared::{Category, Config, Lane, TaskId, TaskName, TaskState};
+use taskmesh_workers::{Registry, Worker, WorkerOptions};
+use tokio_util::sync::CancellationToken;
+
+/// taskmesh: a NATS JetStream worker mesh for background tasks.
+#[derive(Debug, Parser)]
+#[command(name = "taskmesh", version, about, propagate_version = true)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+/// Options every verb takes.
+#[derive(Debug, Args)]
+struct Global {
+    /// Configuration file (TOML); built-in defaults when absent.
+    #[arg(long, global = true, env = "TASKMESH_CONFIG")]
+    config: Option<PathBuf>,
+    /// NATS server URL(s), comma-separated (overrides the config file).
+    #[arg(long, global = true, env = "NATS_URL")]
+    nats_url: Option<String>,
+    /// NATS user (with --nats-password).
+    #[arg(long, global = true, env = "NATS_USER")]
+    nats_user: Option<String>,
+    /// NATS password.
+    #[arg(long, global = true, env = "NATS_PASSWORD", hide_env_values = true)]
+    nats_password: Option<String>,
+    /// NATS token.
+    #[arg(long, global = true, env = "NATS_TOKEN", hide_env_values = true)]
+    nats_token: Option<String>,
+    /// NATS credentials file (.creds).
+    #[arg(long, global = true, env = "NATS_CREDS")]
+    nats_creds: Option<PathBuf>,
+    /// File holding an nkey seed.
+    #[arg(long, global = true, env = "NATS_NKEY_FILE")]
+    nats_nkey: Option<PathBuf>,
+    /// CA certificate (PEM) for TLS.
+    #[arg(long, global = true, env = "NATS_CA")]
+    nats_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS.
+    #[arg(long, global = true, env = "NATS_CERT")]
+    nats_cert: Option<PathBuf>,
+    /// Client key (PEM) for mutual TLS.
+    #[arg(long, global = true, env = "NATS_KEY")]
+    nats_key: Option<PathBuf>,
+    /// Reply-inbox prefix of this service (least-privilege set-ups).
+    #[arg(long, global = true, env = "NATS_INBOX_PREFIX")]
+    nats_inbox_prefix: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Create or update streams, consumers and buckets (idempotent).
+    Provision,
+    /// Run workers for one or more categories.
+    Worker {
+        /// Categories to serve, comma-separated (default: every configured category).
+        #[arg(long, short, value_delimiter = ',')]
+        category: Vec<Category>,
+        /// Concurrency per category (default: from config).
+        #[arg(long)]
+        concurrency: Option<usize>,
+        /// Also provision before starting (development convenience).
+        #[arg(long)]
+        provision: bool,
+    },
+    /// Enqueue a task and print its id (and with --wait, its result record).
+    Enqueue {
+        /// Task name, `<category>.<name>`.
+        task: TaskName,
+        /// Arguments as JSON.
+        #[arg(long, default_value = "{}")]
+        args: String,
+        /// Task id (idempotency key); default: a new UUIDv7.
+        #[arg(long)]
+        id: Option<TaskId>,
+        /// Priority lane: high, normal, low.
+        #[arg(long, default_value = "normal")]
+        priority: Lane,
+        /// Dead-letter the task if not started by then (RFC 3339) or within this duration.
+        #[arg(long)]
+        deadline: Option<String>,
+        /// Attempt budget.
+        #[arg(long)]
+        max_attempts: Option<u32>,
+        /// Run after this delay (`90s`, `10m`).
+        #[arg(long, conflicts_with = "at")]
+        delay: Option<String>,
+        /// Run at this instant (RFC 3339).
+        #[arg(long)]
+        at: Option<String>,
+        /// Wait for the task to finish and print its result record.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits.
+        #[arg(long, default_value = "60s")]
+        timeout: String,
+    },
+    /// Local development: nats-server, provisioning, every category's worker (and the
+    /// scheduler) in one process. Ctrl-C stops everything.
+    Dev(dev::DevArgs),
+    /// Benchmarks (see BENCHMARKS.md).
+    Bench(bench::BenchArgs),
+}
+
+impl Global {
+    fn load_config(&self) -> anyhow::Result<Config> {
+        let mut cfg = match &self.config {
+            Some(p) => Config::load(p).with_context(|| format!("loading {}", p.display()))?,
+            None => Config::default(),
+        };
+        let n = &mut cfg.nats;
+        if let Some(v) = &self.nats_url {
+            n.url = v.clone();
+        }
+        macro_rules! set {
+            ($($field:ident <- $arg:ident),*) => {$( if self.$arg.is_some() { n.$field = self.$arg.clone(); } )*};
+        }
+        set!(user <- nats_user, password <- nats_password, token <- nats_token,
+             creds_file <- nats_creds, nkey_file <- nats_nkey, tls_ca <- nats_ca,
+             tls_cert <- nats_cert, tls_key <- nats_key, inbox_prefix <- nats_inbox_prefix);
+        Ok(cfg)
+    }
+}
+
+async fn connect(cfg: &Config, service: &str) -> anyhow::Result<Connection> {
+    Ok(taskmesh_nats::connect(&cfg.nats, service, Duration::from_secs(10)).await?)
+}
+
+/// The worker's registry: the built-in catalog with config overrides.
+pub(crate) fn registry(cfg: &Config) -> anyhow::Result<Registry> {
+    let mut r = Registry::new();
+    taskmesh_workers::catalog::register_all(&mut r, cfg)?;
+    Ok(r)
+}
+
+/// A token fired by the first SIGINT or SIGTERM.
+pub(crate) fn shutdown_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot listen for SIGTERM");
+                        let _ = ctrl_c.await;
+                        t.cancel();
+                        return;
+                    }
+                };
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutdown requested");
+        t.cancel();
+    });
+    token
+}
+
+fn parse_instant(s: &str) -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Ok(t.to_utc());
+    }
+    let d = parse_duration(s)
+        .map_err(|e| anyhow::anyhow!("expected an RFC 3339 instant or a duration: {e}"))?;
+    Ok(chrono::Utc::now() + chrono::Duration::from_std(d)?)
+}
+
+async fn run(cli: Cli) -> anyhow::Result<i32> {
+    match cli.cmd {
+        Cmd::Provision => {
+            let cfg = cli.global.load_config()?;
+            let conn = connect(&cfg, "provision").await?;
+            let report = taskmesh_nats::provision(&conn.js, &cfg).await?;
+            println!("streams:   {}", report.streams.join(", "));
+            println!("consumers: {}", report.consumers.join(", "));
+            println!("buckets:   {}", report.buckets.join(", "));
+            Ok(0)
+        }
+        Cmd::Worker {
+            category,
+            concurrency,
+            provision,
+        } => {
+            let cfg = Arc::new(cli.global.load_config()?);
+            let conn = connect(&cfg, "worker").await?;
+            if provision {
+                taskmesh_nats::provision(&conn.js, &cfg).await?;
+            }
+            let worker = Worker::new(
+                conn,
+                cfg.clone(),
+                Arc::new(registry(&cfg)?),
+                WorkerOptions {
+                    categories: category,
+                    concurrency,
+                    id: None,
+                },
+            )
+            .await?;
+            worker.run(shutdown_on_signals()).await?;
+            Ok(0)
+        }
+        Cmd::Enqueue {
+            task,
+            args,
+            id,
+            priority,
+            deadline,
+            max_attempts,
+            delay,
+            at,
+            wait,
+            timeout,
+        } => {
+            let cfg = cli.global.load_config()?;
+            let args: serde_json::Value =
+                serde_json::from_str(&args).context("--args is not valid JSON")?;
+            let timeout = parse_duration(&timeout).map_err(anyhow::Error::msg)?;
+            let conn = connect(&cfg, "cli").await?;
+            let client = Client::new(conn, &cfg).await?;
+            let mut opts = EnqueueOptions {
+                id,
+                lane: priority,
+                max_attempts,
+                ..Default::default()
+            };
+            if let Some(d) = deadline {
+                opts.deadline = Some(parse_instant(&d).context("--deadline")?);
+            }
+            if let Some(d) = delay {
+                opts = opts.delay(
+                    parse_duration(&d)
+                        .map_err(anyhow::Error::msg)
+                        .context("--delay")?,
+                );
+            }
+            if let Some(a) = at {
+                opts.run_at = Some(parse_instant(&a).context("--at")?);
+            }
+            let done = client.enqueue(&task, &args, opts).await?;
+            if done.duplicate {
+                eprintln!(
+                    "note: task id {} was already enqueued; not stored again",
+                    done.id
+                );
+            }
+            println!("{}", done.id);
+            if wait {
+                let record = client.wait(&done.id, timeout).await?;
+                println!("{}", serde_json::to_string_pretty(&record)?);
+                if record.state != TaskState::Succeeded {
+                    return Ok(2);
+                }
+            }
+            Ok(0)
+        }
+        Cmd::Dev(a) => dev::run(cli.global.load_config()?, a).await.map(|()| 0),
+        Cmd::Bench(a) => bench::run(a, cli.global.nats_url.clone()).await.map(|()| 0),
+    }
+}
+
+/// `a: b: c` from an error chain, skipping causes already quoted by the message above them.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    logging::init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(0) => std::process::ExitCode::SUCCESS,
+        Ok(code) => std::process::ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Err(e) => {
+            eprintln!("error: {}", error_chain(&e));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,250 @@
+//! The producer API: enqueue tasks with pipelined PubAcks, read and wait for results.
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::context::PublishAckFuture;
+use bytes::Bytes;
+use chrono::{DateTime, SecondsFormat, Utc};
+use futures::StreamExt;
+use serde::Serialize;
+use taskmesh_shared::wire::{self, headers as h};
+use taskmesh_shared::{Config, Lane, TaskId, TaskName, TaskRecord};
+
+use crate::connect::Connection;
+use crate::error::NatsError;
+use crate::results::ResultStore;
+
+/// Options of one enqueue. `Default` is: generated UUIDv7 id, normal lane, no deadline,
+/// the category's attempt budget, run as soon as possible.
+#[derive(Debug, Clone, Default)]
+pub struct EnqueueOptions {
+    /// Task id (idempotency key); generated when `None`.
+    pub id: Option<TaskId>,
+    /// Dead-letter the task unrun (`expired`) if it has not started by then.
+    pub deadline: Option<DateTime<Utc>>,
+    /// Attempt budget for this task (never above the consumer's `max_deliver`).
+    pub max_attempts: Option<u32>,
+    /// Priority lane.
+    pub lane: Lane,
+    /// Run no earlier than this instant (a JetStream message schedule holds it until then).
+    pub run_at: Option<DateTime<Utc>>,
+    /// Extra headers (for example `traceparent`); names are case-sensitive.
+    pub headers: Vec<(String, String)>,
+}
+
+impl EnqueueOptions {
+    /// Sets the id.
+    pub fn id(mut self, id: TaskId) -> Self {
+        self.id = Some(id);
+        self
+    }
+    /// Sets the lane.
+    pub fn lane(mut self, lane: Lane) -> Self {
+        self.lane = lane;
+        self
+    }
+    /// Delays the task by `d` from now.
+    pub fn delay(mut self, d: Duration) -> Self {
+        self.run_at =
+            Some(Utc::now() + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX));
+        self
+    }
+    /// Adds a header.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+}
+
+/// An accepted enqueue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Enqueued {
+    /// The task id.
+    pub id: TaskId,
+    /// The stream that stored it.
+    pub stream: String,
+    /// Its stream sequence.
+    pub sequence: u64,
+    /// True when JetStream had already seen this id inside the duplicate window: the task
+    /// was not stored again.
+    pub duplicate: bool,
+}
+
+/// A published task whose PubAck has not been awaited yet (pipelining).
+pub struct PendingEnqueue {
+    id: TaskId,
+    subject: String,
+    ack: PublishAckFuture,
+}
+
+impl std::fmt::Debug for PendingEnqueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingEnqueue")
+            .field("id", &self.id)
+            .field("subject", &self.subject)
+            .finish()
+    }
+}
+
+impl PendingEnqueue {
+    /// The task id.
+    pub fn id(&self) -> &TaskId {
+        &self.id
+    }
+    /// Waits for the server's acknowledgement.
+    pub async fn acked(self) -> Result<Enqueued, NatsError> {
+        let ack = self
+            .ack
+            .await
+            .map_err(|e| NatsError::publish(&self.subject, e))?;
+        Ok(Enqueued {
+            id: self.id,
+            stream: ack.stream,
+            sequence: ack.sequence,
+            duplicate: ack.duplicate,
+        })
+    }
+}
+
+/// A taskmesh producer. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Client {
+    conn: Connection,
+    max_msg_size: usize,
+    results: ResultStore,
+}
+
+impl Client {
+    /// A producer on an open connection.
+    pub async fn new(conn: Connection, cfg: &Config) -> Result<Self, NatsError> {
+        let results = ResultStore::open(&conn.js).await?;
+        Ok(Self {
+            max_msg_size: usize::try_from(cfg.streams.max_msg_size).unwrap_or(usize::MAX),
+            conn,
+            results,
+        })
+    }
+
+    /// The connection.
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
+    /// The result store.
+    pub fn results(&self) -> &ResultStore {
+        &self.results
+    }
+
+    /// Enqueues `task` with JSON `args` and waits for the PubAck.
+    pub async fn enqueue<A: Serialize + ?Sized>(
+        &self,
+        task: &TaskName,
+        args: &A,
+        opts: EnqueueOptions,
+    ) -> Result<Enqueued, NatsError> {
+        let body = Bytes::from(serde_json::to_vec(args)?);
+        self.send(task, body, opts).await?.acked().await
+    }
+
+    /// Publishes a task without waiting for its PubAck: call [`PendingEnqueue::acked`]
+    /// later. Many `send`s in a row are pipelined on one connection.
+    pub async fn send(
+        &self,
+        task: &TaskName,
+        body: Bytes,
+        opts: EnqueueOptions,
+    ) -> Result<PendingEnqueue, NatsError> {
+        let id = opts.id.clone().unwrap_or_else(TaskId::generate);
+        let mut headers = HeaderMap::new();
+        headers.insert(h::NATS_MSG_ID, id.as_str());
+        headers.insert(h::TASK_ID, id.as_str());
+        headers.insert(
+            h::TASK_ENQUEUED_AT,
+            Utc::now()
+                .to_rfc3339_opts(SecondsFormat::Micros, true)
+                .as_str(),
+        );
+        if let Some(d) = opts.deadline {
+            headers.insert(
+                h::TASK_DEADLINE,
+                d.to_rfc3339_opts(SecondsFormat::Millis, true).as_str(),
+            );
+        }
+        if let Some(n) = opts.max_attempts {
+            headers.insert(h::TASK_MAX_ATTEMPTS, n.to_string().as_str());
+        }
+        for (k, v) in &opts.headers {
+            headers.insert(k.as_str(), v.as_str());
+        }
+        let target = wire::task_subject(task, opts.lane);
+        let subject = match opts.run_at {
+            Some(at) if at > Utc::now() => {
+                headers.insert(
+                    h::NATS_SCHEDULE,
+                    format!("@at {}", at.to_rfc3339_opts(SecondsFormat::Secs, true)).as_str(),
+                );
+                headers.insert(h::NATS_SCHEDULE_TARGET, target.as_str());
+                wire::delayed_subject(&task.category(), &id)
+            }
+            _ => target,
+        };
+        let size = body.len() + headers_len(&headers);
+        if size > self.max_msg_size {
+            return Err(NatsError::TooLarge {
+                size,
+                limit: self.max_msg_size,
+            });
+        }
+        let ack = self
+            .conn
+            .js
+            .publish_with_headers(subject.clone(), headers, body)
+            .await
+            .map_err(|e| NatsError::publish(&subject, e))?;
+        Ok(PendingEnqueue { id, subject, ack })
+    }
+
+    /// The task's current record, if any.
+    pub async fn result(&self, id: &TaskId) -> Result<Option<TaskRecord>, NatsError> {
+        self.results.get(id).await
+    }
+
+    /// Waits until the task's record reaches a final state (`succeeded`, `failed`, `dead`).
+    pub async fn wait(&self, id: &TaskId, timeout: Duration) -> Result<TaskRecord, NatsError> {
+        let work = async {
+            let watch = self.results.watch(id).await?;
+            tokio::pin!(watch);
+            if let Some(r) = self.results.get(id).await?
+                && r.state.is_final()
+            {
+                return Ok(r);
+            }
+            while let Some(r) = watch.next().await {
+                let r = r?;
+                if r.state.is_final() {
+                    return Ok(r);
+                }
+            }
+            Err(NatsError::Timeout(
+                timeout,
+                format!("the result of task {id}"),
+            ))
+        };
+        tokio::time::timeout(timeout, work)
+            .await
+            .map_err(|_| NatsError::Timeout(timeout, format!("the result of task {id}")))?
+    }
+}
+
+fn headers_len(h: &HeaderMap) -> usize {
+    h.iter()
+        .map(|(k, vs)| {
+            let k: &str = k.as_ref();
+            vs.iter()
+                .map(|v| k.len() + v.as_str().len() + 4)
+                .sum::<usize>()
+        })
+        .sum::<usize>()
+        + 12
+}

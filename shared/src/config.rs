@@ -1,0 +1,548 @@
+//! Configuration: one TOML file (`--config FILE` / `TASKMESH_CONFIG`), every field with a
+//! default so an empty file is a working single-node set-up with the five seed categories.
+//!
+//! ```toml
+//! [nats]
+//! url = "nats://127.0.0.1:4222"
+//!
+//! [categories.email]
+//! concurrency = 8          # merged over the built-in seed categories
+//!
+//! [tasks."email.send"]
+//! max_attempts = 6
+//! timeout = "30s"
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::names::{Category, TaskName};
+use crate::schedule::ScheduleDef;
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TOML did not parse or had unknown fields.
+    #[error("invalid config: {0}")]
+    Parse(String),
+    /// A value is out of range.
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// How to reach NATS.
+    pub nats: NatsConfig,
+    /// Stream settings shared by every category stream.
+    pub streams: StreamConfig,
+    /// Result storage.
+    pub results: ResultsConfig,
+    /// Dead-letter storage.
+    pub dlq: DlqConfig,
+    /// Worker runtime settings.
+    pub worker: WorkerConfig,
+    /// Scheduler settings.
+    pub scheduler: SchedulerConfig,
+    /// Keep the five seed categories (`ai`, `email`, `file`, `sync`, `maintenance`) under
+    /// the ones this file declares. If unsure: true.
+    pub seed_categories: bool,
+    /// Per-category settings, merged over the seed categories.
+    pub categories: BTreeMap<Category, CategoryConfig>,
+    /// Per-task policy overrides, keyed by full task name.
+    pub tasks: BTreeMap<TaskName, TaskPolicyConfig>,
+    /// Static schedules (`[[schedules]]`), fired in addition to the defaults unless
+    /// `scheduler.default_schedules = false`.
+    pub schedules: Vec<ScheduleDef>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            nats: NatsConfig::default(),
+            streams: StreamConfig::default(),
+            results: ResultsConfig::default(),
+            dlq: DlqConfig::default(),
+            worker: WorkerConfig::default(),
+            scheduler: SchedulerConfig::default(),
+            seed_categories: true,
+            categories: BTreeMap::new(),
+            tasks: BTreeMap::new(),
+            schedules: Vec::new(),
+        }
+        .with_seeds()
+    }
+}
+
+/// The seed categories and their worker concurrency (from the predecessor's deployment).
+pub const SEED_CATEGORIES: [(&str, usize); 5] = [
+    ("ai", 1),
+    ("email", 4),
+    ("file", 2),
+    ("sync", 2),
+    ("maintenance", 1),
+];
+
+impl Config {
+    /// Parses TOML text and validates it.
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let cfg = cfg.with_seeds();
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Reads and validates a TOML file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml_str(&text)
+    }
+
+    fn with_seeds(mut self) -> Self {
+        if self.seed_categories {
+            for (name, concurrency) in SEED_CATEGORIES {
+                if let Ok(c) = Category::new(name) {
+                    self.categories.entry(c).or_insert_with(|| CategoryConfig {
+                        concurrency,
+                        ..CategoryConfig::default()
+                    });
+                }
+            }
+        }
+        self
+    }
+
+    /// Checks ranges and cross-field rules.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.streams.replicas == 0 || self.streams.replicas > 5 {
+            return bad(format!(
+                "streams.replicas must be 1..=5, got {}",
+                self.streams.replicas
+            ));
+        }
+        if self.streams.max_msg_size < 1024 {
+            return bad("streams.max_msg_size must be at least 1024 bytes".into());
+        }
+        for (name, c) in &self.categories {
+            if c.concurrency == 0 {
+                return bad(format!("categories.{name}.concurrency must be at least 1"));
+            }
+            if c.max_deliver < 1 {
+                return bad(format!("categories.{name}.max_deliver must be at least 1"));
+            }
+            if c.ack_wait < Duration::from_secs(1) {
+                return bad(format!("categories.{name}.ack_wait must be at least 1s"));
+            }
+            if c.max_ack_pending < 1 {
+                return bad(format!(
+                    "categories.{name}.max_ack_pending must be at least 1"
+                ));
+            }
+        }
+        for (task, p) in &self.tasks {
+            if !self.categories.contains_key(&task.category()) {
+                return bad(format!(
+                    "tasks.\"{task}\": category {} is not configured",
+                    task.category_str()
+                ));
+            }
+            if p.max_attempts == Some(0) {
+                return bad(format!("tasks.\"{task}\".max_attempts must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The enabled categories, in name order.
+    pub fn enabled_categories(&self) -> impl Iterator<Item = (&Category, &CategoryConfig)> {
+        self.categories.iter().filter(|(_, c)| c.enabled)
+    }
+
+    /// Settings of one category, or a clear error naming the known ones.
+    pub fn category(&self, c: &Category) -> Result<&CategoryConfig, ConfigError> {
+        self.categories.get(c).filter(|c| c.enabled).ok_or_else(|| {
+            let known: Vec<&str> = self.enabled_categories().map(|(c, _)| c.as_str()).collect();
+            ConfigError::Invalid(format!(
+                "unknown category {c:?}: configured categories are {}",
+                known.join(", ")
+            ))
+        })
+    }
+}
+
+/// How to reach NATS. Every field can also come from the environment in the CLI.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsConfig {
+    /// Server URL(s), comma-separated. `NATS_URL`. If unsure: `nats://127.0.0.1:4222`.
+    pub url: String,
+    /// User name (with `password`).
+    pub user: Option<String>,
+    /// Password (with `user`).
+    pub password: Option<String>,
+    /// Token authentication.
+    pub token: Option<String>,
+    /// A file holding an nkey seed (`SU…`).
+    pub nkey_file: Option<PathBuf>,
+    /// A `.creds` file (JWT + nkey seed).
+    pub creds_file: Option<PathBuf>,
+    /// CA certificate (PEM) to verify the server.
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS.
+    pub tls_cert: Option<PathBuf>,
+    /// Client key (PEM) for mutual TLS.
+    pub tls_key: Option<PathBuf>,
+    /// Require TLS even if the server does not ask for it.
+    pub tls_required: bool,
+    /// Prefix for this service's reply inboxes (least-privilege deployments give each
+    /// service its own, instead of `_INBOX`).
+    pub inbox_prefix: Option<String>,
+    /// Client connection name shown in server monitoring.
+    pub name: Option<String>,
+    /// JetStream API request timeout. If unsure: 5s.
+    #[serde(with = "duration")]
+    pub request_timeout: Duration,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            url: "nats://127.0.0.1:4222".into(),
+            user: None,
+            password: None,
+            token: None,
+            nkey_file: None,
+            creds_file: None,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_required: false,
+            inbox_prefix: None,
+            name: None,
+            request_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Settings shared by every task stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StreamConfig {
+    /// Replicas of every stream and bucket: 1 for dev, 3 for a production cluster.
+    pub replicas: usize,
+    /// JetStream de-duplication window for `Nats-Msg-Id`. If unsure: 10m.
+    #[serde(with = "duration")]
+    pub duplicate_window: Duration,
+    /// Largest task body accepted, in bytes (headers included). If unsure: 1 MiB.
+    pub max_msg_size: i32,
+    /// Keep at most this many bytes per task stream (`-1` = unlimited).
+    pub max_bytes: i64,
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        Self {
+            replicas: 1,
+            duplicate_window: Duration::from_secs(600),
+            max_msg_size: 1024 * 1024,
+            max_bytes: -1,
+        }
+    }
+}
+
+/// Result storage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ResultsConfig {
+    /// Write result records at all. If unsure: true.
+    pub enabled: bool,
+    /// How long a record is kept. If unsure: 24h.
+    #[serde(with = "duration")]
+    pub ttl: Duration,
+    /// Also write a `running` record when a task starts (one extra KV write per task).
+    /// If unsure: true.
+    pub record_running: bool,
+}
+
+impl Default for ResultsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            ttl: Duration::from_secs(24 * 3600),
+            record_running: true,
+        }
+    }
+}
+
+/// Dead-letter storage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DlqConfig {
+    /// How long dead letters are kept. If unsure: 30 days.
+    #[serde(with = "duration")]
+    pub max_age: Duration,
+}
+
+impl Default for DlqConfig {
+    fn default() -> Self {
+        Self {
+            max_age: Duration::from_secs(30 * 24 * 3600),
+        }
+    }
+}
+
+/// Worker runtime settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// Largest pull batch (the runtime never asks for more than its free capacity).
+    /// If unsure: 256.
+    pub max_batch: usize,
+    /// How long an idle long-poll waits for a message before asking again; also bounds how
+    /// long a drain waits for outstanding polls. If unsure: 2s.
+    #[serde(with = "duration")]
+    pub pull_expires: Duration,
+    /// SIGTERM grace: in-flight tasks get this long to finish before they are Nak'ed.
+    /// If unsure: 25s (Kubernetes' default termination grace is 30s).
+    #[serde(with = "duration")]
+    pub drain_grace: Duration,
+    /// Heartbeat period in `TASKMESH_WORKERS` (the entry expires after 3 missed beats).
+    #[serde(with = "duration")]
+    pub heartbeat_interval: Duration,
+    /// Ack successful tasks with a confirmed (double) ack: slower, but a success is never
+    /// redelivered after the worker saw the confirmation. If unsure: false.
+    pub double_ack: bool,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            max_batch: 256,
+            pull_expires: Duration::from_secs(2),
+            drain_grace: Duration::from_secs(25),
+            heartbeat_interval: Duration::from_secs(5),
+            double_ack: false,
+        }
+    }
+}
+
+/// Scheduler settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SchedulerConfig {
+    /// Fire the predecessor's default schedule set (see `docs/tasks.md`). If unsure: true.
+    pub default_schedules: bool,
+    /// Leader lease time-to-live: a dead leader is replaced within about this long.
+    /// Whole seconds, at least 2. If unsure: 5s.
+    #[serde(with = "duration")]
+    pub lease_ttl: Duration,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            default_schedules: true,
+            lease_ttl: Duration::from_secs(5),
+        }
+    }
+}
+
+/// One category: its stream, consumers and worker pool.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CategoryConfig {
+    /// Serve and provision this category. If unsure: true.
+    pub enabled: bool,
+    /// Tasks one worker process runs at once in this category.
+    pub concurrency: usize,
+    /// How long the server waits for an ack before redelivering; running tasks send a
+    /// progress signal every `ack_wait / 3`. If unsure: 30s.
+    #[serde(with = "duration")]
+    pub ack_wait: Duration,
+    /// Server-side delivery cap per message (the attempt budget can never exceed it).
+    /// If unsure: 10.
+    pub max_deliver: i64,
+    /// In-flight cap across every replica of the consumer. If unsure: 1000.
+    pub max_ack_pending: i64,
+    /// Default attempt budget of this category's tasks (`Task-Max-Attempts` overrides it).
+    /// If unsure: 4 (the predecessor's `max_retries=3`).
+    pub max_attempts: u32,
+}
+
+impl Default for CategoryConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            concurrency: 1,
+            ack_wait: Duration::from_secs(30),
+            max_deliver: 10,
+            max_ack_pending: 1000,
+            max_attempts: 4,
+        }
+    }
+}
+
+/// Per-task overrides of the handler's built-in policy.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TaskPolicyConfig {
+    /// Attempt budget.
+    pub max_attempts: Option<u32>,
+    /// Delay before the first retry.
+    #[serde(with = "opt_duration")]
+    pub initial_delay: Option<Duration>,
+    /// Cap of the retry delay.
+    #[serde(with = "opt_duration")]
+    pub max_delay: Option<Duration>,
+    /// Hard time limit of one attempt.
+    #[serde(with = "opt_duration")]
+    pub timeout: Option<Duration>,
+    /// Store result records for this task (`false` trades visibility for throughput).
+    pub store_result: Option<bool>,
+}
+
+/// Parses a duration: a humantime string (`"30s"`, `"10m"`, `"1h 30m"`) or whole seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?}: {e}"))
+}
+
+/// Serde for `Duration` as a humantime string (or whole seconds).
+pub mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Secs(u64),
+        Text(String),
+    }
+
+    /// Serializes as `"30s"`.
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    /// Accepts `"30s"` or `30`.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        match Raw::deserialize(d)? {
+            Raw::Secs(n) => Ok(Duration::from_secs(n)),
+            Raw::Text(t) => super::parse_duration(&t).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Serde for `Option<Duration>` (see [`duration`]).
+pub mod opt_duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Serializes `None` as nothing and `Some(d)` as `"30s"`.
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => super::duration::serialize(d, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    /// Accepts what [`super::duration`] accepts.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        #[derive(Deserialize)]
+        struct W(#[serde(with = "super::duration")] Duration);
+        Ok(Option::<W>::deserialize(d)?.map(|w| w.0))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_has_the_five_seeds() {
+        let c = Config::from_toml_str("").unwrap();
+        let got: Vec<(String, usize)> = c
+            .categories
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.concurrency))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("ai", 1),
+                ("email", 4),
+                ("file", 2),
+                ("maintenance", 1),
+                ("sync", 2)
+            ]
+            .map(|(a, b)| (a.to_string(), b))
+        );
+    }
+
+    #[test]
+    fn file_values_merge_over_seeds() {
+        let c = Config::from_toml_str(
+            r#"
+            [categories.email]
+            concurrency = 8
+            ack_wait = "1m"
+            [categories.reports]
+            concurrency = 3
+            [tasks."email.send"]
+            max_attempts = 6
+            timeout = 30
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.categories.len(), 6);
+        let email = &c.categories[&Category::new("email").unwrap()];
+        assert_eq!(
+            (email.concurrency, email.ack_wait),
+            (8, Duration::from_secs(60))
+        );
+        let t = &c.tasks[&TaskName::parse("email.send").unwrap()];
+        assert_eq!(t.timeout, Some(Duration::from_secs(30)));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = Config::from_toml_str("[categories.email]\nconcurrency = 0").unwrap_err();
+        assert!(
+            matches!(e, ConfigError::Invalid(ref m) if m.contains("categories.email.concurrency")),
+            "{e}"
+        );
+        let e = Config::from_toml_str("[nats]\nurll = 'x'").unwrap_err();
+        assert!(
+            matches!(e, ConfigError::Parse(ref m) if m.contains("urll")),
+            "{e}"
+        );
+        let e = Config::from_toml_str("[tasks.\"nope.x\"]\nmax_attempts = 1").unwrap_err();
+        assert!(matches!(e, ConfigError::Invalid(_)), "{e}");
+        assert!(Config::from_toml_str("[categories.\"Bad\"]").is_err());
+    }
+}

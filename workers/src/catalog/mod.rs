@@ -1,0 +1,18 @@
+//! The built-in task catalog, one module per category. Each task is a typed handler with
+//! its policy; [`register_all`] adds them to a registry.
+
+use taskmesh_shared::Config;
+
+use crate::registry::Registry;
+
+pub mod ai;
+
+/// Registers every built-in task, then applies `[tasks."…"]` overrides from config.
+pub fn register_all(
+    registry: &mut Registry,
+    cfg: &Config,
+) -> Result<(), taskmesh_shared::NameError> {
+    ai::register(registry)?;
+    registry.apply_config(cfg);
+    Ok(())
+}

@@ -1,0 +1,822 @@
+//! The one worker runtime: a consume loop per category, one processing path per message,
+//! one place ([`Delivery::settle`]) where outcomes become acks.
+//!
+//! ## Pulling
+//! Each category has a semaphore of `concurrency` slots and three lane consumers (`high`,
+//! normal, `low`). A lane that has shown messages is *busy*: the loop fetches it without
+//! waiting (`no_wait`) for as many messages as there are free slots, highest lane first,
+//! so it never holds more work than it can start. A lane that came back short is *idle*:
+//! it gets one long-poll of a single message (bounded by `worker.pull_expires`); a message
+//! that arrives there waits for the next free slot, ahead of lower lanes, and the lane
+//! turns busy again. Every eighth round the low lane is served before the normal lane, so
+//! low-priority work still progresses under sustained normal load.
+//!
+//! ## Processing
+//! decode metadata → deadline → attempt budget → handler lookup → argument decode → run
+//! (progress every `ack_wait / 3`, hard time limit, panics caught) → [`decide`] → result
+//! record → [`Delivery::settle`].
+//!
+//! ## Drain
+//! On shutdown the loops stop pulling; in-flight tasks get `worker.drain_grace` to finish;
+//! whatever is still running is then cancelled and released (`Nak` without delay) so
+//! another replica takes it at once.
+
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::Poll;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures::{FutureExt, Stream, StreamExt};
+use taskmesh_nats::async_nats::jetstream::{self, consumer::PullConsumer};
+use taskmesh_nats::{Connection, Delivery, Heartbeats, NatsError, ResultStore, topology};
+use taskmesh_shared::config::{CategoryConfig, Config};
+use taskmesh_shared::wire::{self, headers as h};
+use taskmesh_shared::{
+    Category, Decision, ErrorInfo, Lane, Outcome, TaskError, TaskRecord, TaskState,
+    WorkerHeartbeat, decide,
+};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::registry::{DecodeError, Registry, TaskContext};
+use crate::stats::{CategoryStats, Stats};
+
+/// Why a worker could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WorkerError {
+    /// A configuration problem (unknown category, bad override).
+    #[error("{0}")]
+    Config(String),
+    /// NATS refused something the worker needs.
+    #[error(transparent)]
+    Nats(#[from] NatsError),
+}
+
+/// What to run.
+#[derive(Debug, Clone, Default)]
+pub struct WorkerOptions {
+    /// Categories to serve; empty = every enabled category in config.
+    pub categories: Vec<Category>,
+    /// Overrides every category's concurrency.
+    pub concurrency: Option<usize>,
+    /// A fixed worker id (default: `<categories>-<random>`).
+    pub id: Option<String>,
+}
+
+struct Inner {
+    conn: Connection,
+    cfg: Arc<Config>,
+    registry: Arc<Registry>,
+    id: Arc<str>,
+    results: Option<ResultStore>,
+    stats: Arc<Stats>,
+    /// Fired at the end of the drain grace: running tasks are cancelled and released.
+    abort: CancellationToken,
+}
+
+struct CategoryRt {
+    name: Category,
+    cfg: CategoryConfig,
+    concurrency: usize,
+    slots: Arc<Semaphore>,
+    stats: Arc<CategoryStats>,
+}
+
+/// A worker process's runtime: serves one or more categories.
+pub struct Worker {
+    inner: Arc<Inner>,
+    categories: Vec<Arc<CategoryRt>>,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("id", &self.inner.id)
+            .finish()
+    }
+}
+
+impl Worker {
+    /// Prepares a worker. Fails on unknown categories; opens the result bucket when results
+    /// are enabled.
+    pub async fn new(
+        conn: Connection,
+        cfg: Arc<Config>,
+        registry: Arc<Registry>,
+        opts: WorkerOptions,
+    ) -> Result<Self, WorkerError> {
+        let names: Vec<Category> = if opts.categories.is_empty() {
+            cfg.enabled_categories().map(|(c, _)| c.clone()).collect()
+        } else {
+            opts.categories.clone()
+        };
+        if names.is_empty() {
+            return Err(WorkerError::Config("no category to serve".into()));
+        }
+        let stats = Arc::new(Stats::default());
+        let mut categories = Vec::with_capacity(names.len());
+        for name in &names {
+            let c = cfg
+                .category(name)
+                .map_err(|e| WorkerError::Config(e.to_string()))?
+                .clone();
+            let concurrency = opts.concurrency.unwrap_or(c.concurrency).max(1);
+            categories.push(Arc::new(CategoryRt {
+                stats: stats.category(name.as_str()),
+                name: name.clone(),
+                concurrency,
+                slots: Arc::new(Semaphore::new(concurrency)),
+                cfg: c,
+            }));
+        }
+        let results = if cfg.results.enabled {
+            Some(ResultStore::open(&conn.js).await?)
+        } else {
+            None
+        };
+        let id = opts.id.unwrap_or_else(|| {
+            let cats: Vec<&str> = names.iter().map(Category::as_str).collect();
+            format!("{}-{:08x}", cats.join("+"), fastrand::u32(..))
+        });
+        Ok(Self {
+            inner: Arc::new(Inner {
+                conn,
+                cfg,
+                registry,
+                id: id.into(),
+                results,
+                stats,
+                abort: CancellationToken::new(),
+            }),
+            categories,
+        })
+    }
+
+    /// The worker id.
+    pub fn id(&self) -> &str {
+        &self.inner.id
+    }
+
+    /// Live counters.
+    pub fn stats(&self) -> Arc<Stats> {
+        self.inner.stats.clone()
+    }
+
+    /// Runs until `shutdown` fires, then drains (see the module docs) and returns.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), WorkerError> {
+        let started_at = Utc::now();
+        let hb_stop = CancellationToken::new();
+        let hb = tokio::spawn(heartbeat_loop(
+            self.inner.clone(),
+            self.categories.clone(),
+            started_at,
+            hb_stop.clone(),
+        ));
+        tracing::info!(
+            worker = %self.inner.id,
+            categories = ?self.categories.iter().map(|c| (c.name.as_str(), c.concurrency)).collect::<Vec<_>>(),
+            "worker started"
+        );
+        let loops: Vec<_> = self
+            .categories
+            .iter()
+            .map(|c| {
+                tokio::spawn(category_loop(
+                    self.inner.clone(),
+                    c.clone(),
+                    shutdown.clone(),
+                ))
+            })
+            .collect();
+        shutdown.cancelled().await;
+        tracing::info!(worker = %self.inner.id, in_flight = self.inner.stats.in_flight(), "draining");
+        for l in loops {
+            if let Err(e) = l.await {
+                tracing::error!(error = %e, "consume loop ended abnormally");
+            }
+        }
+        let grace = self.inner.cfg.worker.drain_grace;
+        let all_done = async {
+            for c in &self.categories {
+                // Holding every slot means nothing is running.
+                let _all = c.slots.acquire_many(c.concurrency as u32).await;
+            }
+        };
+        if tokio::time::timeout(grace, all_done).await.is_err() {
+            let left = self.inner.stats.in_flight();
+            tracing::warn!(
+                left,
+                "drain grace over: releasing unfinished tasks to other workers"
+            );
+            self.inner.abort.cancel();
+            let released = async {
+                for c in &self.categories {
+                    let _all = c.slots.acquire_many(c.concurrency as u32).await;
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(5), released).await;
+        }
+        hb_stop.cancel();
+        let _ = hb.await;
+        if let Err(e) = self.inner.conn.client.flush().await {
+            tracing::warn!(error = %e, "flush at shutdown failed");
+        }
+        tracing::info!(worker = %self.inner.id, "worker stopped");
+        Ok(())
+    }
+}
+
+async fn heartbeat_loop(
+    inner: Arc<Inner>,
+    cats: Vec<Arc<CategoryRt>>,
+    started_at: DateTime<Utc>,
+    stop: CancellationToken,
+) {
+    let mut hbs: Option<Heartbeats> = None;
+    let mut tick = tokio::time::interval(inner.cfg.worker.heartbeat_interval);
+    let host = std::env::var("HOSTNAME").unwrap_or_default();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        if hbs.is_none() {
+            match Heartbeats::open(&inner.conn.js).await {
+                Ok(h) => hbs = Some(h),
+                Err(e) => {
+                    tracing::debug!(error = %e, "heartbeat bucket unavailable");
+                    continue;
+                }
+            }
+        }
+        let Some(h) = &hbs else { continue };
+        let beat = WorkerHeartbeat {
+            id: inner.id.to_string(),
+            categories: cats.iter().map(|c| c.name.to_string()).collect(),
+            concurrency: cats.iter().map(|c| c.concurrency).sum(),
+            in_flight: inner.stats.in_flight(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            host: host.clone(),
+            pid: std::process::id(),
+            started_at,
+            beat_at: Utc::now(),
+        };
+        if let Err(e) = h.beat(&beat).await {
+            tracing::debug!(error = %e, "heartbeat failed");
+        }
+    }
+    if let Some(h) = hbs
+        && let Err(e) = h.remove(&inner.id).await
+    {
+        tracing::debug!(error = %e, "removing heartbeat failed");
+    }
+}
+
+type Poll1 = Pin<
+    Box<dyn Stream<Item = Result<jetstream::Message, taskmesh_nats::async_nats::Error>> + Send>,
+>;
+
+struct LaneRt {
+    lane: Lane,
+    consumer: Option<PullConsumer>,
+    busy: bool,
+    idle_poll: Option<Poll1>,
+    waiting: VecDeque<jetstream::Message>,
+    retry_at: Instant,
+    failures: u32,
+}
+
+impl LaneRt {
+    fn new(lane: Lane) -> Self {
+        Self {
+            lane,
+            consumer: None,
+            busy: true,
+            idle_poll: None,
+            waiting: VecDeque::new(),
+            retry_at: Instant::now(),
+            failures: 0,
+        }
+    }
+    fn back_off(&mut self) {
+        self.failures = self.failures.saturating_add(1);
+        let ms = (50u64 << self.failures.min(6)).min(2_000);
+        self.retry_at = Instant::now() + Duration::from_millis(ms);
+    }
+}
+
+/// Lane order for a round: high first; every eighth round low before normal.
+fn lane_order(round: u64) -> [usize; 3] {
+    if round % 8 == 7 { [0, 2, 1] } else { [0, 1, 2] }
+}
+
+async fn category_loop(inner: Arc<Inner>, cat: Arc<CategoryRt>, shutdown: CancellationToken) {
+    let mut lanes: [LaneRt; 3] = Lane::ALL.map(LaneRt::new);
+    let max_batch = inner.cfg.worker.max_batch.max(1);
+    let mut round: u64 = 0;
+    let mut last_bind_error = Instant::now() - Duration::from_secs(60);
+    loop {
+        if shutdown.is_cancelled() {
+            break;
+        }
+        // Bind consumers (again after errors), with backoff and a clear message.
+        let now = Instant::now();
+        for l in lanes
+            .iter_mut()
+            .filter(|l| l.consumer.is_none() && l.retry_at <= now)
+        {
+            match topology::lane_consumer(&inner.conn.js, &cat.name, l.lane).await {
+                Ok(c) => {
+                    l.consumer = Some(c);
+                    l.failures = 0;
+                }
+                Err(e) => {
+                    if last_bind_error.elapsed() > Duration::from_secs(10) {
+                        tracing::error!(category = %cat.name, lane = l.lane.as_str(), error = %e, "cannot bind consumer; retrying");
+                        last_bind_error = Instant::now();
+                    }
+                    l.back_off();
+                }
+            }
+        }
+        cat.stats.bound.store(
+            lanes.iter().all(|l| l.consumer.is_some()),
+            Ordering::Relaxed,
+        );
+
+        // Serve: waiting messages and busy lanes, in priority order, while slots are free.
+        for i in lane_order(round) {
+            let l = &mut lanes[i];
+            while !l.waiting.is_empty() {
+                let Ok(permit) = cat.slots.clone().try_acquire_owned() else {
+                    break;
+                };
+                if let Some(m) = l.waiting.pop_front() {
+                    dispatch(&inner, &cat, m, permit);
+                }
+            }
+            if !l.busy || !l.waiting.is_empty() || l.retry_at > Instant::now() {
+                continue;
+            }
+            let Some(consumer) = &l.consumer else {
+                continue;
+            };
+            let want = cat.slots.available_permits().min(max_batch);
+            if want == 0 {
+                continue;
+            }
+            let Ok(permits) = cat.slots.clone().try_acquire_many_owned(want as u32) else {
+                continue;
+            };
+            match fetch(consumer, want, inner.cfg.worker.pull_expires).await {
+                Ok(msgs) => {
+                    l.failures = 0;
+                    let got = msgs.len();
+                    let mut permits = permits;
+                    for m in msgs {
+                        let one = permits.split(1);
+                        match one {
+                            Some(p) => dispatch(&inner, &cat, m, p),
+                            None => l.waiting.push_back(m),
+                        }
+                    }
+                    if got < want {
+                        l.busy = false;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(category = %cat.name, lane = l.lane.as_str(), error = %e, "pull failed; backing off");
+                    l.busy = false;
+                    l.back_off();
+                    if is_consumer_gone(&e) {
+                        l.consumer = None;
+                    }
+                }
+            }
+        }
+        round = round.wrapping_add(1);
+
+        // Idle lanes: one long-poll of a single message each.
+        for l in lanes.iter_mut() {
+            if l.busy
+                || l.idle_poll.is_some()
+                || !l.waiting.is_empty()
+                || l.retry_at > Instant::now()
+            {
+                continue;
+            }
+            let Some(consumer) = &l.consumer else {
+                continue;
+            };
+            match consumer
+                .batch()
+                .max_messages(1)
+                .expires(inner.cfg.worker.pull_expires)
+                .messages()
+                .await
+            {
+                Ok(b) => l.idle_poll = Some(Box::pin(b)),
+                Err(e) => {
+                    tracing::warn!(category = %cat.name, lane = l.lane.as_str(), error = %e, "long-poll failed; backing off");
+                    l.back_off();
+                }
+            }
+        }
+
+        // Wait for something to do.
+        let need_slot = lanes
+            .iter()
+            .any(|l| (l.busy && l.consumer.is_some()) || !l.waiting.is_empty());
+        let next_retry = lanes
+            .iter()
+            .filter(|l| l.consumer.is_none() || l.failures > 0)
+            .map(|l| l.retry_at)
+            .min();
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            (i, item) = next_idle(&mut lanes) => {
+                let l = &mut lanes[i];
+                match item {
+                    Some(Ok(m)) => {
+                        l.waiting.push_back(m);
+                        l.busy = true;
+                    }
+                    Some(Err(e)) => {
+                        tracing::debug!(category = %cat.name, lane = l.lane.as_str(), error = %e, "long-poll ended with an error");
+                        l.idle_poll = None;
+                        l.back_off();
+                    }
+                    None => l.idle_poll = None,
+                }
+            }
+            p = cat.slots.clone().acquire_owned(), if need_slot => {
+                drop(p);
+                // Let other finishing tasks return their slots so the next fetch is larger.
+                tokio::task::yield_now().await;
+            }
+            _ = sleep_until_opt(next_retry), if next_retry.is_some() => {}
+        }
+    }
+
+    // Drain: stop pulling; hand back anything received but not started.
+    for l in lanes.iter_mut() {
+        for m in l.waiting.drain(..) {
+            let _ = m.ack_with(jetstream::AckKind::Nak(None)).await;
+        }
+    }
+    // Outstanding long-polls may still deliver until they expire: release those too.
+    let deadline = Instant::now() + inner.cfg.worker.pull_expires + Duration::from_millis(500);
+    for l in lanes.iter_mut() {
+        if let Some(mut s) = l.idle_poll.take() {
+            while let Ok(Some(item)) = tokio::time::timeout_at(deadline, s.next()).await {
+                if let Ok(m) = item {
+                    let _ = m.ack_with(jetstream::AckKind::Nak(None)).await;
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until_opt(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Polls every lane's long-poll; resolves with the first event.
+async fn next_idle(
+    lanes: &mut [LaneRt; 3],
+) -> (
+    usize,
+    Option<Result<jetstream::Message, taskmesh_nats::async_nats::Error>>,
+) {
+    poll_fn(|cx| {
+        let mut any = false;
+        for (i, l) in lanes.iter_mut().enumerate() {
+            if let Some(s) = l.idle_poll.as_mut() {
+                any = true;
+                if let Poll::Ready(item) = s.poll_next_unpin(cx) {
+                    return Poll::Ready((i, item));
+                }
+            }
+        }
+        let _ = any;
+        Poll::Pending
+    })
+    .await
+}
+
+/// Fetches up to `n` available messages without waiting for more. The request carries no
+/// `expires` (with one, the server holds a `no_wait` request until it expires); the client
+/// bounds it instead, so a lost reply cannot stall the loop.
+async fn fetch(
+    consumer: &PullConsumer,
+    n: usize,
+    bound: Duration,
+) -> Result<Vec<jetstream::Message>, taskmesh_nats::async_nats::Error> {
+    let work = async {
+        let mut batch = consumer.fetch().max_messages(n).messages().await?;
+        let mut out = Vec::with_capacity(n);
+        while let Some(m) = batch.next().await {
+            match m {
+                Ok(m) => out.push(m),
+                Err(e) if out.is_empty() => return Err(e),
+                Err(e) => {
+                    tracing::debug!(error = %e, "fetch ended early");
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    };
+    tokio::time::timeout(bound, work)
+        .await
+        .map_err(|_| format!("no reply to a pull request within {bound:?}"))?
+}
+
+fn is_consumer_gone(e: &taskmesh_nats::async_nats::Error) -> bool {
+    let s = e.to_string();
+    s.contains("Consumer Deleted") || s.contains("consumer not found")
+}
+
+fn dispatch(
+    inner: &Arc<Inner>,
+    cat: &Arc<CategoryRt>,
+    msg: jetstream::Message,
+    permit: OwnedSemaphorePermit,
+) {
+    let inner = inner.clone();
+    let cat = cat.clone();
+    cat.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+    tokio::spawn(async move {
+        process(&inner, &cat, msg).await;
+        cat.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+        drop(permit);
+    });
+}
+
+/// Reads `Task-Max-Attempts`; an unreadable value is ignored (the policy applies).
+fn header_attempts(d: &Delivery) -> Option<u32> {
+    d.header(h::TASK_MAX_ATTEMPTS)?
+        .trim()
+        .parse()
+        .ok()
+        .filter(|n| *n > 0)
+}
+
+/// The W3C trace id of a `traceparent` header (`00-<trace id>-<span id>-<flags>`).
+fn trace_id_of(traceparent: &str) -> Option<String> {
+    let mut parts = traceparent.split('-');
+    let _version = parts.next()?;
+    let id = parts.next()?;
+    (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()) && id != "0".repeat(32))
+        .then(|| id.to_ascii_lowercase())
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_owned()
+    }
+}
+
+async fn process(inner: &Arc<Inner>, cat: &Arc<CategoryRt>, msg: jetstream::Message) {
+    let d = match Delivery::new(msg) {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(error = %e, "ignoring a message without JetStream metadata");
+            return;
+        }
+    };
+    let attempt = d.meta().attempt;
+    let task_id = d.task_id();
+    let parsed = wire::parse_task_subject(d.subject());
+    let task_name = parsed
+        .as_ref()
+        .map(|p| p.task.as_str().to_owned())
+        .unwrap_or_else(|| d.subject().to_owned());
+    let registered = parsed
+        .as_ref()
+        .and_then(|p| inner.registry.get(p.task.as_str()));
+    let policy = registered.map(|r| r.policy.clone()).unwrap_or_default();
+    let max_attempts = header_attempts(&d)
+        .or(policy.max_attempts)
+        .unwrap_or(cat.cfg.max_attempts)
+        .min(u32::try_from(cat.cfg.max_deliver).unwrap_or(u32::MAX))
+        .max(1);
+    let trace_id = d.header(h::TRACEPARENT).and_then(trace_id_of);
+    let enqueued_at = d
+        .header(h::TASK_ENQUEUED_AT)
+        .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
+        .map(|t| t.to_utc())
+        .or(Some(d.meta().published));
+    let started_at = Utc::now();
+    let store = inner.results.as_ref().filter(|_| policy.store_result);
+    let mut record = TaskRecord {
+        id: task_id.clone(),
+        task: task_name.clone(),
+        state: TaskState::Running,
+        attempts: attempt,
+        enqueued_at,
+        started_at: Some(started_at),
+        finished_at: None,
+        duration_ms: None,
+        worker: inner.id.to_string(),
+        result: None,
+        error: None,
+        trace_id: trace_id.clone(),
+    };
+
+    let clock = Instant::now();
+    let outcome = 'run: {
+        let Some(parsed) = parsed else {
+            break 'run Outcome::UnknownTask(format!(
+                "{:?} is not a valid task subject",
+                d.subject()
+            ));
+        };
+        if let Some(raw) = d.header(h::TASK_DEADLINE) {
+            match DateTime::parse_from_rfc3339(raw.trim()) {
+                Ok(deadline) if deadline.to_utc() < started_at => {
+                    break 'run Outcome::Expired(format!(
+                        "deadline {raw} passed before the task started"
+                    ));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    break 'run Outcome::Undecodable(format!("invalid Task-Deadline {raw:?}: {e}"));
+                }
+            }
+        }
+        if attempt > max_attempts {
+            // Earlier deliveries never settled (the worker died or hung): stop the loop.
+            break 'run Outcome::Failed(TaskError::retryable(format!(
+                "delivered {attempt} times without completing (worker crashed or exceeded ack_wait)"
+            )));
+        }
+        let Some(registered) = registered else {
+            break 'run Outcome::UnknownTask(format!(
+                "no handler for task {} on worker {} (registered: {})",
+                parsed.task,
+                inner.id,
+                inner.registry.names().join(", ")
+            ));
+        };
+        let ctx = TaskContext {
+            id: task_id.clone(),
+            task: parsed.task.clone(),
+            attempt,
+            max_attempts,
+            cancel: inner.abort.child_token(),
+            schedule: d.header(h::TASK_SCHEDULE).map(str::to_owned),
+            fire_time: d.header(h::TASK_FIRE_TIME).map(str::to_owned),
+            trace_id: trace_id.clone(),
+            worker: inner.id.clone(),
+        };
+        let started =
+            std::panic::catch_unwind(AssertUnwindSafe(|| registered.start(ctx, d.payload())));
+        let fut = match started {
+            Ok(Ok(f)) => f,
+            Ok(Err(DecodeError::Syntax(m))) => break 'run Outcome::Undecodable(m),
+            Ok(Err(DecodeError::Args(m))) => break 'run Outcome::Failed(TaskError::permanent(m)),
+            Err(p) => break 'run Outcome::Panicked(panic_message(p.as_ref())),
+        };
+        if let Some(store) = store.filter(|_| inner.cfg.results.record_running)
+            && let Err(e) = store.put(&record).await
+        {
+            tracing::warn!(task_id = %task_id, error = %e, "cannot write running record");
+        }
+        let fut = AssertUnwindSafe(fut).catch_unwind();
+        tokio::pin!(fut);
+        let every = (cat.cfg.ack_wait / 3).max(Duration::from_millis(100));
+        let mut progress = tokio::time::interval_at(Instant::now() + every, every);
+        let hard = policy.timeout.map(|t| (t, Instant::now() + t));
+        loop {
+            tokio::select! {
+                r = &mut fut => break 'run match r {
+                    Ok(Ok(v)) => Outcome::Succeeded(v),
+                    Ok(Err(e)) => Outcome::Failed(e),
+                    Err(p) => Outcome::Panicked(panic_message(p.as_ref())),
+                },
+                _ = progress.tick() => {
+                    if let Err(e) = d.progress().await {
+                        tracing::debug!(task_id = %task_id, error = %e, "progress not sent");
+                    }
+                }
+                _ = sleep_until_opt(hard.map(|h| h.1)), if hard.is_some() => {
+                    break 'run Outcome::TimedOut(hard.map(|h| h.0).unwrap_or_default());
+                }
+                _ = inner.abort.cancelled() => {
+                    if let Err(e) = d.release().await {
+                        tracing::warn!(task_id = %task_id, error = %e, "cannot release task at shutdown");
+                    }
+                    tracing::info!(task_id = %task_id, task = %task_name, "released unfinished task at shutdown");
+                    return;
+                }
+            }
+        }
+    };
+    let elapsed = clock.elapsed();
+    let decision = decide(
+        &outcome,
+        attempt,
+        max_attempts,
+        &policy.retry,
+        fastrand::f64(),
+    );
+    inner
+        .stats
+        .record(&task_name, outcome.kind(), elapsed.as_secs_f64());
+
+    record.finished_at = Some(Utc::now());
+    record.duration_ms = Some(u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX));
+    record.state = match &decision {
+        Decision::Ack => TaskState::Succeeded,
+        Decision::Retry { .. } => TaskState::Retrying,
+        Decision::DeadLetter { .. } => TaskState::Dead,
+    };
+    match outcome {
+        Outcome::Succeeded(v) => record.result = Some(v),
+        ref other => {
+            let kind = match &decision {
+                Decision::DeadLetter { reason, .. } if reason.as_str() == "max_attempts" => {
+                    "max_attempts"
+                }
+                _ => other.kind(),
+            };
+            record.error = Some(ErrorInfo {
+                kind: kind.to_owned(),
+                message: other.error_message().unwrap_or_default(),
+            });
+        }
+    }
+    match &decision {
+        Decision::Ack => {
+            tracing::debug!(task_id = %task_id, task = %task_name, attempt, "task succeeded")
+        }
+        Decision::Retry { delay } => tracing::warn!(
+            task_id = %task_id, task = %task_name, attempt, max_attempts, retry_in = ?delay,
+            error = record.error.as_ref().map(|e| e.message.as_str()).unwrap_or(""), "task failed; will retry"),
+        Decision::DeadLetter { reason, error } => tracing::error!(
+            task_id = %task_id, task = %task_name, attempt, reason = reason.as_str(), error = %error,
+            "task dead-lettered"),
+    }
+    let write_record = async {
+        if let Some(store) = store
+            && let Err(e) = store.put(&record).await
+        {
+            tracing::warn!(task_id = %task_id, error = %e, "cannot write result record");
+        }
+    };
+    let double_ack = inner.cfg.worker.double_ack;
+    if matches!(decision, Decision::DeadLetter { .. }) {
+        // The record says `dead` only once the dead letter is stored.
+        match d.settle(&inner.conn.js, &decision, double_ack).await {
+            Ok(()) => write_record.await,
+            Err(e) => {
+                tracing::error!(task_id = %task_id, error = %e, "dead-lettering failed; the task will be redelivered")
+            }
+        }
+    } else {
+        write_record.await;
+        if let Err(e) = d.settle(&inner.conn.js, &decision, double_ack).await {
+            tracing::warn!(task_id = %task_id, error = %e, "settling the delivery failed; it will be redelivered after ack_wait");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trace_ids() {
+        assert_eq!(
+            trace_id_of("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        assert_eq!(
+            trace_id_of("00-00000000000000000000000000000000-00f067aa0ba902b7-01"),
+            None
+        );
+        assert_eq!(trace_id_of("garbage"), None);
+    }
+
+    #[test]
+    fn low_lane_is_not_starved() {
+        let low_first = (0..64).filter(|r| lane_order(*r) == [0, 2, 1]).count();
+        assert_eq!(low_first, 8);
+        assert!((0..64).all(|r| lane_order(r)[0] == 0));
+    }
+}
