@@ -46,6 +46,11 @@ pub(crate) async fn run(mut cfg: Config, args: DevArgs) -> anyhow::Result<()> {
         tracing::info!(tasks = ?registry.names(), "task catalog");
         let worker = Worker::new(conn.clone(), cfg.clone(), registry, WorkerOptions::default()).await?;
         let w = tokio::spawn(worker.run(shutdown.clone()));
+        let sched = tokio::spawn(crate::schedules::run_scheduler(
+            (*cfg).clone(),
+            crate::schedules::SchedulerArgs::default(),
+            shutdown.clone(),
+        ));
         println!(
             "taskmesh dev is running on {} — try: taskmesh enqueue ai.test_scheduler_connection --wait   (Ctrl-C stops)",
             cfg.nats.url
@@ -55,6 +60,11 @@ pub(crate) async fn run(mut cfg: Config, args: DevArgs) -> anyhow::Result<()> {
             Ok(Ok(r)) => r?,
             Ok(Err(e)) => tracing::error!(error = %e, "worker task failed"),
             Err(_) => tracing::error!("worker did not stop in time"),
+        }
+        match sched.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "scheduler failed"),
+            Err(e) => tracing::error!(error = %e, "scheduler task failed"),
         }
         anyhow::Ok(())
     }

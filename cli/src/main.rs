@@ -3,6 +3,7 @@
 mod bench;
 mod dev;
 mod logging;
+mod schedules;
 mod server;
 
 use std::path::PathBuf;
@@ -113,6 +114,11 @@ enum Cmd {
         #[arg(long, default_value = "60s")]
         timeout: String,
     },
+    /// Run the scheduler (any number of replicas; one leads).
+    Scheduler(schedules::SchedulerArgs),
+    /// Manage dynamic schedules.
+    #[command(subcommand)]
+    Schedules(schedules::SchedulesCmd),
     /// Local development: nats-server, provisioning, every category's worker (and the
     /// scheduler) in one process. Ctrl-C stops everything.
     Dev(dev::DevArgs),
@@ -280,6 +286,11 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
+        Cmd::Scheduler(a) => {
+            schedules::run_scheduler(cli.global.load_config()?, a, shutdown_on_signals()).await?;
+            Ok(0)
+        }
+        Cmd::Schedules(c) => schedules::schedules(cli.global.load_config()?, c).await,
         Cmd::Dev(a) => dev::run(cli.global.load_config()?, a).await.map(|()| 0),
         Cmd::Bench(a) => bench::run(a, cli.global.nats_url.clone()).await.map(|()| 0),
     }

@@ -31,6 +31,9 @@ pub struct EnqueueOptions {
     pub run_at: Option<DateTime<Utc>>,
     /// Extra headers (for example `traceparent`); names are case-sensitive.
     pub headers: Vec<(String, String)>,
+    /// A `Nats-Msg-Id` different from the task id. The scheduler uses
+    /// `<schedule>@<slot RFC 3339>` here (not a valid KV key, hence not a task id).
+    pub msg_id: Option<String>,
 }
 
 impl EnqueueOptions {
@@ -157,7 +160,10 @@ impl Client {
     ) -> Result<PendingEnqueue, NatsError> {
         let id = opts.id.clone().unwrap_or_else(TaskId::generate);
         let mut headers = HeaderMap::new();
-        headers.insert(h::NATS_MSG_ID, id.as_str());
+        headers.insert(
+            h::NATS_MSG_ID,
+            opts.msg_id.as_deref().unwrap_or(id.as_str()),
+        );
         headers.insert(h::TASK_ID, id.as_str());
         headers.insert(
             h::TASK_ENQUEUED_AT,

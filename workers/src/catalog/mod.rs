@@ -6,6 +6,7 @@ use taskmesh_shared::Config;
 use crate::registry::Registry;
 
 pub mod ai;
+pub mod testkit;
 
 /// Registers every built-in task, then applies `[tasks."…"]` overrides from config.
 pub fn register_all(
@@ -13,6 +14,9 @@ pub fn register_all(
     cfg: &Config,
 ) -> Result<(), taskmesh_shared::NameError> {
     ai::register(registry)?;
+    if cfg.categories.keys().any(|c| c.as_str() == "testkit") {
+        testkit::register(registry)?;
+    }
     registry.apply_config(cfg);
     Ok(())
 }
