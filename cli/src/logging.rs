@@ -5,10 +5,15 @@ use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
-/// Installs the global subscriber.
-pub(crate) fn init() {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,async_nats=warn"));
+/// Installs the global subscriber. `long_running` services log at `info` by default,
+/// one-shot verbs only at `warn` so their output stays readable.
+pub(crate) fn init(long_running: bool) {
+    let default = if long_running {
+        "info,async_nats=warn"
+    } else {
+        "warn"
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let json = std::env::var("TASKMESH_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

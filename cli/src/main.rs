@@ -314,7 +314,10 @@ fn error_chain(e: &anyhow::Error) -> String {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    logging::init();
+    logging::init(matches!(
+        cli.cmd,
+        Cmd::Worker { .. } | Cmd::Scheduler(_) | Cmd::Dev(_) | Cmd::Bench(_)
+    ));
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -278,8 +278,8 @@ pub struct ResultsConfig {
     /// How long a record is kept. If unsure: 24h.
     #[serde(with = "duration")]
     pub ttl: Duration,
-    /// Also write a `running` record when a task starts (one extra KV write per task).
-    /// If unsure: true.
+    /// Also write a `running` record for tasks that run longer than 200 ms (tasks that
+    /// finish sooner get only their final record). If unsure: true.
     pub record_running: bool,
 }
 

@@ -47,6 +47,9 @@ use tokio_util::sync::CancellationToken;
 use crate::registry::{DecodeError, Registry, TaskContext};
 use crate::stats::{CategoryStats, Stats};
 
+/// How long a task runs before its `running` record is written.
+const RUNNING_RECORD_AFTER: Duration = Duration::from_millis(200);
+
 /// Why a worker could not start.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -692,16 +695,17 @@ async fn process(inner: &Arc<Inner>, cat: &Arc<CategoryRt>, msg: jetstream::Mess
             Ok(Err(DecodeError::Args(m))) => break 'run Outcome::Failed(TaskError::permanent(m)),
             Err(p) => break 'run Outcome::Panicked(panic_message(p.as_ref())),
         };
-        if let Some(store) = store.filter(|_| inner.cfg.results.record_running)
-            && let Err(e) = store.put(&record).await
-        {
-            tracing::warn!(task_id = %task_id, error = %e, "cannot write running record");
-        }
         let fut = AssertUnwindSafe(fut).catch_unwind();
         tokio::pin!(fut);
         let every = (cat.cfg.ack_wait / 3).max(Duration::from_millis(100));
         let mut progress = tokio::time::interval_at(Instant::now() + every, every);
         let hard = policy.timeout.map(|t| (t, Instant::now() + t));
+        // A `running` record is written only for tasks still running after a moment:
+        // fast tasks cost one result write, not two.
+        let running_at = store
+            .filter(|_| inner.cfg.results.record_running)
+            .map(|_| Instant::now() + RUNNING_RECORD_AFTER);
+        let mut running_written = false;
         loop {
             tokio::select! {
                 r = &mut fut => break 'run match r {
@@ -709,6 +713,14 @@ async fn process(inner: &Arc<Inner>, cat: &Arc<CategoryRt>, msg: jetstream::Mess
                     Ok(Err(e)) => Outcome::Failed(e),
                     Err(p) => Outcome::Panicked(panic_message(p.as_ref())),
                 },
+                _ = sleep_until_opt(running_at), if running_at.is_some() && !running_written => {
+                    running_written = true;
+                    if let Some(store) = store
+                        && let Err(e) = store.put(&record).await
+                    {
+                        tracing::warn!(task_id = %task_id, error = %e, "cannot write running record");
+                    }
+                }
                 _ = progress.tick() => {
                     if let Err(e) = d.progress().await {
                         tracing::debug!(task_id = %task_id, error = %e, "progress not sent");

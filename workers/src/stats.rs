@@ -26,7 +26,7 @@ pub struct TaskCounts {
 #[derive(Debug, Default)]
 pub struct Stats {
     categories: Mutex<HashMap<String, std::sync::Arc<CategoryStats>>>,
-    tasks: Mutex<HashMap<(String, &'static str), TaskCounts>>,
+    tasks: Mutex<HashMap<String, Vec<(&'static str, TaskCounts)>>>,
     /// Attempts finished since start (any outcome).
     pub finished: AtomicU64,
 }
@@ -42,9 +42,18 @@ impl Stats {
     pub fn record(&self, task: &str, outcome: &'static str, seconds: f64) {
         {
             let mut g = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
-            let e = g.entry((task.to_owned(), outcome)).or_default();
-            e.count += 1;
-            e.seconds += seconds;
+            // Look up by &str first: no allocation per task once a name has been seen.
+            let per = match g.get_mut(task) {
+                Some(v) => v,
+                None => g.entry(task.to_owned()).or_default(),
+            };
+            match per.iter_mut().find(|(o, _)| *o == outcome) {
+                Some((_, c)) => {
+                    c.count += 1;
+                    c.seconds += seconds;
+                }
+                None => per.push((outcome, TaskCounts { count: 1, seconds })),
+            }
         }
         self.finished.fetch_add(1, Ordering::Relaxed);
     }
@@ -52,7 +61,10 @@ impl Stats {
     /// A snapshot of the (task, outcome) counters.
     pub fn task_counts(&self) -> Vec<((String, &'static str), TaskCounts)> {
         let g = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
-        let mut v: Vec<_> = g.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        let mut v: Vec<_> = g
+            .iter()
+            .flat_map(|(task, per)| per.iter().map(move |(o, c)| ((task.clone(), *o), *c)))
+            .collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     }

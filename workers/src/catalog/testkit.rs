@@ -3,7 +3,7 @@
 //! production deployment never serves them by accident.
 //!
 //! With `TASKMESH_TESTKIT_LEDGER=<file>` every start and finish is appended to the file as
-//! one line `<event> <task id> <attempt> <pid>` (`start`, `done`), written outside NATS so a
+//! one line `<event> <task id> <attempt> <pid> <unix ms>` (`start`, `done`), written outside NATS so a
 //! test can count executions across worker crashes.
 
 use std::io::Write;
@@ -44,10 +44,11 @@ fn ledger(event: &str, ctx: &TaskContext) {
         return;
     };
     let line = format!(
-        "{event} {} {} {}\n",
+        "{event} {} {} {} {}\n",
         ctx.id,
         ctx.attempt,
-        std::process::id()
+        std::process::id(),
+        chrono::Utc::now().timestamp_millis()
     );
     let written = std::fs::OpenOptions::new()
         .create(true)
