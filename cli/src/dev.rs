@@ -24,6 +24,9 @@ pub(crate) struct DevArgs {
     /// Use an already running server (`--nats-url`) instead of starting one.
     #[arg(long)]
     external: bool,
+    /// Where `/healthz`, `/readyz` and `/metrics` listen.
+    #[arg(long, env = "TASKMESH_HTTP_ADDR", default_value = "127.0.0.1:9090")]
+    http_addr: std::net::SocketAddr,
 }
 
 /// Runs the dev mesh until Ctrl-C / SIGTERM.
@@ -42,9 +45,16 @@ pub(crate) async fn run(mut cfg: Config, args: DevArgs) -> anyhow::Result<()> {
         let conn = crate::connect(&cfg, "dev").await?;
         let report = taskmesh_nats::provision(&conn.js, &cfg).await.context("provisioning")?;
         tracing::info!(streams = report.streams.len(), consumers = report.consumers.len(), buckets = report.buckets.len(), "provisioned");
-        let registry = Arc::new(crate::registry(&cfg)?);
+        let registry = Arc::new(crate::registry(&cfg, &conn)?);
         tracing::info!(tasks = ?registry.names(), "task catalog");
         let worker = Worker::new(conn.clone(), cfg.clone(), registry, WorkerOptions::default()).await?;
+        let probes = crate::http::Probes {
+            conn: Some(conn.state.clone()),
+            worker: Some(worker.stats()),
+            extra: Vec::new(),
+        };
+        let http_stop = tokio_util::sync::CancellationToken::new();
+        crate::http::serve(args.http_addr, probes, http_stop.clone()).await?;
         let w = tokio::spawn(worker.run(shutdown.clone()));
         let sched = tokio::spawn(crate::schedules::run_scheduler(
             (*cfg).clone(),
@@ -61,6 +71,7 @@ pub(crate) async fn run(mut cfg: Config, args: DevArgs) -> anyhow::Result<()> {
             Ok(Err(e)) => tracing::error!(error = %e, "worker task failed"),
             Err(_) => tracing::error!("worker did not stop in time"),
         }
+        http_stop.cancel();
         match sched.await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::error!(error = %e, "scheduler failed"),

@@ -2,9 +2,10 @@
 
 mod bench;
 mod dev;
-mod logging;
+mod http;
 mod schedules;
 mod server;
+mod telemetry;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -81,6 +82,9 @@ enum Cmd {
         /// Also provision before starting (development convenience).
         #[arg(long)]
         provision: bool,
+        /// Where `/healthz`, `/readyz` and `/metrics` listen.
+        #[arg(long, env = "TASKMESH_HTTP_ADDR", default_value = "127.0.0.1:9090")]
+        http_addr: std::net::SocketAddr,
     },
     /// Enqueue a task and print its id (and with --wait, its result record).
     Enqueue {
@@ -151,9 +155,9 @@ async fn connect(cfg: &Config, service: &str) -> anyhow::Result<Connection> {
 }
 
 /// The worker's registry: the built-in catalog with config overrides.
-pub(crate) fn registry(cfg: &Config) -> anyhow::Result<Registry> {
+pub(crate) fn registry(cfg: &Config, conn: &Connection) -> anyhow::Result<Registry> {
     let mut r = Registry::new();
-    taskmesh_workers::catalog::register_all(&mut r, cfg)?;
+    taskmesh_workers::catalog::register_all(&mut r, cfg, Some(conn.clone()))?;
     Ok(r)
 }
 
@@ -212,16 +216,18 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             category,
             concurrency,
             provision,
+            http_addr,
         } => {
             let cfg = Arc::new(cli.global.load_config()?);
             let conn = connect(&cfg, "worker").await?;
             if provision {
                 taskmesh_nats::provision(&conn.js, &cfg).await?;
             }
+            let state = conn.state.clone();
             let worker = Worker::new(
-                conn,
+                conn.clone(),
                 cfg.clone(),
-                Arc::new(registry(&cfg)?),
+                Arc::new(registry(&cfg, &conn)?),
                 WorkerOptions {
                     categories: category,
                     concurrency,
@@ -229,7 +235,16 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 },
             )
             .await?;
-            worker.run(shutdown_on_signals()).await?;
+            let shutdown = shutdown_on_signals();
+            let probes = http::Probes {
+                conn: Some(state),
+                worker: Some(worker.stats()),
+                extra: Vec::new(),
+            };
+            let http_stop = CancellationToken::new();
+            http::serve(http_addr, probes, http_stop.clone()).await?;
+            worker.run(shutdown).await?;
+            http_stop.cancel();
             Ok(0)
         }
         Cmd::Enqueue {
@@ -314,10 +329,6 @@ fn error_chain(e: &anyhow::Error) -> String {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    logging::init(matches!(
-        cli.cmd,
-        Cmd::Worker { .. } | Cmd::Scheduler(_) | Cmd::Dev(_) | Cmd::Bench(_)
-    ));
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -328,7 +339,17 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(cli)) {
+    let (service, long_running) = match &cli.cmd {
+        Cmd::Worker { .. } => ("worker", true),
+        Cmd::Scheduler(_) => ("scheduler", true),
+        Cmd::Dev(_) => ("dev", true),
+        Cmd::Bench(_) => ("bench", true),
+        _ => ("cli", false),
+    };
+    let telemetry = rt.block_on(async { telemetry::init(service, long_running) });
+    let result = rt.block_on(run(cli));
+    telemetry.shutdown();
+    match result {
         Ok(0) => std::process::ExitCode::SUCCESS,
         Ok(code) => std::process::ExitCode::from(u8::try_from(code).unwrap_or(1)),
         Err(e) => {

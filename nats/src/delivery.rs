@@ -82,6 +82,17 @@ impl Delivery {
         self.msg.headers.as_ref()
     }
 
+    /// The attempt number: deliveries of this message plus the attempts an earlier copy
+    /// used (`Task-Attempts-Used`, set when a task is deferred by an open breaker).
+    pub fn attempt(&self) -> u32 {
+        let used = self
+            .header(h::TASK_ATTEMPTS_USED)
+            .and_then(|v| v.trim().parse::<u32>().ok())
+            .unwrap_or(0)
+            .min(1000);
+        self.meta.attempt.saturating_add(used)
+    }
+
     /// The task id: `Task-Id`, else `Nats-Msg-Id`, else `<stream>-<sequence>`.
     pub fn task_id(&self) -> String {
         self.header(h::TASK_ID)
@@ -132,6 +143,7 @@ impl Delivery {
                 .ack_with(AckKind::Nak(Some(*delay)))
                 .await
                 .map_err(|e| NatsError::js("negative-acknowledging", Io(e.to_string()))),
+            Decision::Cancel => self.term("cancelled").await,
             Decision::DeadLetter { reason, error } => {
                 if let Err(e) = self.dead_letter(js, *reason, error).await {
                     // Keep the task: it comes back after a short pause and we try again.
@@ -195,7 +207,47 @@ impl Delivery {
         Ok(())
     }
 
-    async fn term(&self, reason: &str) -> Result<(), NatsError> {
+    /// Defers the task without spending an attempt: a copy is scheduled (JetStream message
+    /// schedule) onto the original subject at `until`, carrying the attempts used so far in
+    /// `Task-Attempts-Used`; once the copy is stored the original is terminated.
+    pub async fn defer(
+        &self,
+        js: &jetstream::Context,
+        category: &taskmesh_shared::Category,
+        until: DateTime<Utc>,
+    ) -> Result<(), NatsError> {
+        let id = taskmesh_shared::TaskId::new(self.task_id())?;
+        let mut headers = HeaderMap::new();
+        if let Some(orig) = &self.msg.headers {
+            for (k, vs) in orig.iter() {
+                let name: &str = k.as_ref();
+                if name.starts_with("Nats-") || name == h::TASK_ATTEMPTS_USED {
+                    continue;
+                }
+                for v in vs {
+                    headers.append(name, v.as_str());
+                }
+            }
+        }
+        headers.insert(h::TASK_ID, id.as_str());
+        let used = self.attempt().saturating_sub(1);
+        headers.insert(h::TASK_ATTEMPTS_USED, used.to_string().as_str());
+        headers.insert(
+            h::NATS_SCHEDULE,
+            format!("@at {}", until.to_rfc3339_opts(SecondsFormat::Secs, true)).as_str(),
+        );
+        headers.insert(h::NATS_SCHEDULE_TARGET, self.subject());
+        let subject = wire::delayed_subject(category, &id);
+        js.publish_with_headers(subject.clone(), headers, self.msg.payload.clone())
+            .await
+            .map_err(|e| NatsError::publish(&subject, e))?
+            .await
+            .map_err(|e| NatsError::publish(&subject, e))?;
+        self.term("deferred").await
+    }
+
+    /// Terminates the delivery with a reason (`+TERM <reason>`): no redelivery.
+    pub async fn term(&self, reason: &str) -> Result<(), NatsError> {
         let Some(reply) = self.msg.reply.clone() else {
             return Ok(());
         };

@@ -45,6 +45,14 @@ pub enum NatsError {
         /// Configured limit.
         limit: usize,
     },
+    /// An equal task is inside its uniqueness window.
+    #[error("an equal task is already enqueued (unique key {key}): task {existing}")]
+    NotUnique {
+        /// The uniqueness key.
+        key: String,
+        /// The id of the task holding it.
+        existing: taskmesh_shared::TaskId,
+    },
     /// Arguments could not be serialized to JSON.
     #[error("cannot encode task arguments as JSON: {0}")]
     Encode(#[from] serde_json::Error),

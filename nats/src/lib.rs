@@ -10,21 +10,28 @@
 //!   `wait` for a result);
 //! - [`delivery`]: a delivered message and [`Delivery::settle`], the one place where a
 //!   decision becomes `Ack`, `Nak(delay)` or DLQ-copy-then-`Term`;
-//! - [`results`], [`heartbeats`]: the result and worker buckets.
+//! - [`trace`]: W3C trace context in headers, the one place it is injected and extracted;
+//! - [`results`], [`heartbeats`], [`cancels`], [`limits`]: the result, worker, cancel and
+//!   shared rate-limit buckets.
 
+pub mod cancels;
 pub mod connect;
 pub mod delivery;
 pub mod error;
 pub mod heartbeats;
+pub mod limits;
 pub mod publish;
 pub mod results;
 pub mod topology;
+pub mod trace;
 
 pub use async_nats;
+pub use cancels::Cancels;
 pub use connect::{Connection, ConnectionState, connect};
 pub use delivery::{Delivery, DeliveryMeta};
 pub use error::NatsError;
 pub use heartbeats::Heartbeats;
+pub use limits::Limits;
 pub use publish::{Client, EnqueueOptions, Enqueued, PendingEnqueue};
 pub use results::ResultStore;
 pub use topology::provision;

@@ -2,18 +2,25 @@
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use async_nats::HeaderMap;
 use async_nats::jetstream::context::PublishAckFuture;
+use async_nats::jetstream::kv;
 use bytes::Bytes;
 use chrono::{DateTime, SecondsFormat, Utc};
 use futures::StreamExt;
 use serde::Serialize;
+use taskmesh_shared::crypto::Keyring;
 use taskmesh_shared::wire::{self, headers as h};
 use taskmesh_shared::{Config, Lane, TaskId, TaskName, TaskRecord};
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::connect::Connection;
 use crate::error::NatsError;
 use crate::results::ResultStore;
+use crate::topology;
 
 /// Options of one enqueue. `Default` is: generated UUIDv7 id, normal lane, no deadline,
 /// the category's attempt budget, run as soon as possible.
@@ -34,6 +41,19 @@ pub struct EnqueueOptions {
     /// A `Nats-Msg-Id` different from the task id. The scheduler uses
     /// `<schedule>@<slot RFC 3339>` here (not a valid KV key, hence not a task id).
     pub msg_id: Option<String>,
+    /// Refuse this enqueue while an equal one is inside its window (beyond the stream's
+    /// duplicate window, which only catches equal ids).
+    pub unique: Option<Unique>,
+}
+
+/// A uniqueness window: a second enqueue with the same key inside `window` is refused with
+/// the first task's id ([`NatsError::NotUnique`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unique {
+    /// How long the key stays taken (whole seconds, at least 1 s).
+    pub window: Duration,
+    /// The key; default: the task name and a SHA-256 of the arguments.
+    pub key: Option<String>,
 }
 
 impl EnqueueOptions {
@@ -116,16 +136,30 @@ pub struct Client {
     conn: Connection,
     max_msg_size: usize,
     results: ResultStore,
+    keyring: Option<Arc<Keyring>>,
+    encrypted: Arc<Vec<taskmesh_shared::Category>>,
+    unique: Arc<tokio::sync::OnceCell<kv::Store>>,
 }
 
 impl Client {
     /// A producer on an open connection.
     pub async fn new(conn: Connection, cfg: &Config) -> Result<Self, NatsError> {
         let results = ResultStore::open(&conn.js).await?;
+        let keyring = cfg
+            .encryption
+            .keyring()
+            .map_err(|e| NatsError::Corrupt {
+                what: "encryption config".into(),
+                message: e,
+            })?
+            .map(Arc::new);
         Ok(Self {
             max_msg_size: usize::try_from(cfg.streams.max_msg_size).unwrap_or(usize::MAX),
             conn,
             results,
+            keyring,
+            encrypted: Arc::new(cfg.encryption.categories.clone()),
+            unique: Arc::default(),
         })
     }
 
@@ -159,6 +193,85 @@ impl Client {
         opts: EnqueueOptions,
     ) -> Result<PendingEnqueue, NatsError> {
         let id = opts.id.clone().unwrap_or_else(TaskId::generate);
+        let lock = match &opts.unique {
+            Some(u) => Some(self.take_unique(task, &body, &id, u).await?),
+            None => None,
+        };
+        let sent = self.send_inner(task, body, opts, id).await;
+        if sent.is_err()
+            && let (Some(key), Some(kv)) = (lock, self.unique.get())
+        {
+            // The task was not stored: free the key again.
+            let _ = kv.delete(&key).await;
+        }
+        sent
+    }
+
+    async fn take_unique(
+        &self,
+        task: &TaskName,
+        body: &[u8],
+        id: &TaskId,
+        u: &Unique,
+    ) -> Result<String, NatsError> {
+        use sha2::Digest as _;
+        let key = match &u.key {
+            Some(k) => k.clone(),
+            None => {
+                let digest = sha2::Sha256::digest(body);
+                let hex: String = digest.iter().take(20).map(|b| format!("{b:02x}")).collect();
+                format!("{}.{hex}", task.as_str())
+            }
+        };
+        if key.is_empty()
+            || !key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_=./".contains(&b))
+        {
+            return Err(NatsError::Corrupt {
+                what: "unique key".into(),
+                message: format!("{key:?} may only use A-Z a-z 0-9 - _ = . /"),
+            });
+        }
+        let kv = self
+            .unique
+            .get_or_try_init(|| topology::bucket(&self.conn.js, wire::UNIQUE_BUCKET))
+            .await?;
+        let ttl = u.window.max(Duration::from_secs(1));
+        match kv
+            .create_with_ttl(&key, Bytes::from(id.as_str().to_owned()), ttl)
+            .await
+        {
+            Ok(_) => Ok(key),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                let existing = kv
+                    .get(&key)
+                    .await
+                    .map_err(|e| NatsError::js("reading unique key", e))?
+                    .and_then(|v| String::from_utf8(v.to_vec()).ok())
+                    .and_then(|s| TaskId::new(s).ok());
+                match existing {
+                    Some(existing) => Err(NatsError::NotUnique { key, existing }),
+                    // Expired between the two calls: try once more.
+                    None => kv
+                        .create_with_ttl(&key, Bytes::from(id.as_str().to_owned()), ttl)
+                        .await
+                        .map(|_| key.clone())
+                        .map_err(|e| NatsError::js(format!("taking unique key {key}"), e)),
+                }
+            }
+            Err(e) => Err(NatsError::js(format!("taking unique key {key}"), e)),
+        }
+    }
+
+    async fn send_inner(
+        &self,
+        task: &TaskName,
+        body: Bytes,
+        opts: EnqueueOptions,
+        id: TaskId,
+    ) -> Result<PendingEnqueue, NatsError> {
+        let mut body = body;
         let mut headers = HeaderMap::new();
         headers.insert(
             h::NATS_MSG_ID,
@@ -184,11 +297,45 @@ impl Client {
             headers.insert(k.as_str(), v.as_str());
         }
         let target = wire::task_subject(task, opts.lane);
+        if let Some(ring) = &self.keyring
+            && self
+                .encrypted
+                .iter()
+                .any(|c| c.as_str() == task.category_str())
+        {
+            let sealed =
+                ring.seal(&target, id.as_str(), &body)
+                    .map_err(|e| NatsError::Corrupt {
+                        what: "task body".into(),
+                        message: e.to_string(),
+                    })?;
+            body = Bytes::from(sealed);
+            headers.insert(h::TASK_KEY_ID, ring.current_id());
+            headers.insert(h::TASK_ENCODING, taskmesh_shared::crypto::ENCODING);
+        }
+        let span = if crate::trace::enabled() {
+            let span = tracing::info_span!(
+                "publish",
+                otel.name = %format!("publish {target}"),
+                otel.kind = "producer",
+                messaging.system = "nats",
+                messaging.operation.type = "send",
+                messaging.destination.name = %target,
+                messaging.message.id = %id,
+            );
+            crate::trace::inject(&mut headers, &span.context());
+            Some(span)
+        } else {
+            None
+        };
         let subject = match opts.run_at {
             Some(at) if at > Utc::now() => {
+                // Milliseconds, rounded up (whole seconds would truncate and run the task
+                // up to 1 s early); the server fires `@at` to the millisecond.
+                let at = at + chrono::TimeDelta::nanoseconds(999_999);
                 headers.insert(
                     h::NATS_SCHEDULE,
-                    format!("@at {}", at.to_rfc3339_opts(SecondsFormat::Secs, true)).as_str(),
+                    format!("@at {}", at.to_rfc3339_opts(SecondsFormat::Millis, true)).as_str(),
                 );
                 headers.insert(h::NATS_SCHEDULE_TARGET, target.as_str());
                 wire::delayed_subject(&task.category(), &id)
@@ -202,12 +349,15 @@ impl Client {
                 limit: self.max_msg_size,
             });
         }
-        let ack = self
+        let publish = self
             .conn
             .js
-            .publish_with_headers(subject.clone(), headers, body)
-            .await
-            .map_err(|e| NatsError::publish(&subject, e))?;
+            .publish_with_headers(subject.clone(), headers, body);
+        let ack = match span {
+            Some(span) => publish.instrument(span).await,
+            None => publish.await,
+        }
+        .map_err(|e| NatsError::publish(&subject, e))?;
         Ok(PendingEnqueue { id, subject, ack })
     }
 

@@ -118,6 +118,28 @@ pub fn bucket_configs(cfg: &Config) -> Vec<kv::Config> {
             1,
             cfg.worker.heartbeat_interval * 3,
         ),
+        base(
+            wire::LIMITS_BUCKET,
+            "taskmesh shared rate limiters",
+            1,
+            Duration::ZERO,
+        ),
+        base(
+            wire::CANCELS_BUCKET,
+            "taskmesh cancel requests",
+            1,
+            cfg.results.ttl,
+        ),
+        kv::Config {
+            // Per-key TTLs (each unique lock expires with its window).
+            limit_markers: Some(Duration::from_secs(1)),
+            ..base(
+                wire::UNIQUE_BUCKET,
+                "taskmesh unique-task locks",
+                1,
+                Duration::ZERO,
+            )
+        },
     ]
 }
 
@@ -235,7 +257,10 @@ mod tests {
                 "TASKMESH_SCHEDULES",
                 "TASKMESH_SCHEDULER",
                 "TASKMESH_LEASES",
-                "TASKMESH_WORKERS"
+                "TASKMESH_WORKERS",
+                "TASKMESH_LIMITS",
+                "TASKMESH_CANCELS",
+                "TASKMESH_UNIQUE"
             ]
         );
     }

@@ -59,6 +59,8 @@ pub struct Config {
     pub worker: WorkerConfig,
     /// Scheduler settings.
     pub scheduler: SchedulerConfig,
+    /// Tracing settings.
+    pub tracing: TracingConfig,
     /// Keep the five seed categories (`ai`, `email`, `file`, `sync`, `maintenance`) under
     /// the ones this file declares. If unsure: true.
     pub seed_categories: bool,
@@ -69,6 +71,14 @@ pub struct Config {
     /// Static schedules (`[[schedules]]`), fired in addition to the defaults unless
     /// `scheduler.default_schedules = false`.
     pub schedules: Vec<ScheduleDef>,
+    /// Circuit breakers by dependency name (`[breakers.smtp]`); a dependency a task names
+    /// without a section here gets the defaults.
+    pub breakers: BTreeMap<String, BreakerConfig>,
+    /// Shared rate limits by dependency name (`[limits] smtp = "10/s"`), held across every
+    /// worker process together.
+    pub limits: BTreeMap<String, String>,
+    /// Body encryption for chosen categories.
+    pub encryption: EncryptionConfig,
 }
 
 impl Default for Config {
@@ -80,10 +90,14 @@ impl Default for Config {
             dlq: DlqConfig::default(),
             worker: WorkerConfig::default(),
             scheduler: SchedulerConfig::default(),
+            tracing: TracingConfig::default(),
             seed_categories: true,
             categories: BTreeMap::new(),
             tasks: BTreeMap::new(),
             schedules: Vec::new(),
+            breakers: BTreeMap::new(),
+            limits: BTreeMap::new(),
+            encryption: EncryptionConfig::default(),
         }
         .with_seeds()
     }
@@ -168,7 +182,25 @@ impl Config {
             if p.max_attempts == Some(0) {
                 return bad(format!("tasks.\"{task}\".max_attempts must be at least 1"));
             }
+            if let Some(r) = &p.rate_limit {
+                parse_rate(r).map_err(|e| {
+                    ConfigError::Invalid(format!("tasks.\"{task}\".rate_limit: {e}"))
+                })?;
+            }
         }
+        for (name, r) in &self.limits {
+            parse_rate(r).map_err(|e| ConfigError::Invalid(format!("limits.{name}: {e}")))?;
+        }
+        for (name, b) in &self.breakers {
+            if b.failure_threshold == 0 {
+                return bad(format!(
+                    "breakers.{name}.failure_threshold must be at least 1"
+                ));
+            }
+        }
+        self.encryption
+            .keyring()
+            .map_err(|e| ConfigError::Invalid(format!("encryption: {e}")))?;
         Ok(())
     }
 
@@ -351,10 +383,17 @@ impl Default for WorkerConfig {
 pub struct SchedulerConfig {
     /// Fire the predecessor's default schedule set (see `docs/tasks.md`). If unsure: true.
     pub default_schedules: bool,
-    /// Leader lease time-to-live: a dead leader is replaced within about this long.
-    /// Whole seconds, at least 2. If unsure: 5s.
+    /// Leader lease time-to-live: a dead leader is replaced within about this long, and a
+    /// slot that falls due meanwhile fires up to about this late. It is also the max age
+    /// of the `TASKMESH_LEASES` bucket (set by `taskmesh provision`; the scheduler uses the
+    /// bucket's value when they differ). Whole seconds, at least 1. If unsure: 5s.
     #[serde(with = "duration")]
     pub lease_ttl: Duration,
+    /// A leader that finds a slot more than this late when it comes due (the wall clock
+    /// jumped forward, the process stalled) treats the late slots as missed and applies
+    /// the schedule's `catch_up` instead of firing each one. At least 1s. If unsure: 10s.
+    #[serde(with = "duration")]
+    pub max_fire_lag: Duration,
 }
 
 impl Default for SchedulerConfig {
@@ -362,6 +401,25 @@ impl Default for SchedulerConfig {
         Self {
             default_schedules: true,
             lease_ttl: Duration::from_secs(5),
+            max_fire_lag: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Tracing settings (export itself is configured by the standard `OTEL_*` variables).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TracingConfig {
+    /// Continue the producer's trace on a task's first attempt. When false (publishers you
+    /// do not trust), every task starts a new trace with a link to the incoming context.
+    /// Retries and scheduled fires always start a new trace linked to it. If unsure: true.
+    pub trust_incoming: bool,
+}
+
+impl Default for TracingConfig {
+    fn default() -> Self {
+        Self {
+            trust_incoming: true,
         }
     }
 }
@@ -418,6 +476,132 @@ pub struct TaskPolicyConfig {
     pub timeout: Option<Duration>,
     /// Store result records for this task (`false` trades visibility for throughput).
     pub store_result: Option<bool>,
+    /// Soft time limit: the handler's cancellation token fires, the attempt goes on.
+    #[serde(with = "opt_duration")]
+    pub soft_timeout: Option<Duration>,
+    /// A rate limit of this task across every worker (`"10/s"`, `"600/m"`).
+    pub rate_limit: Option<String>,
+    /// The dependency this task needs (`smtp`, `notion`): its circuit breaker and its
+    /// `[limits]` entry apply.
+    pub dependency: Option<String>,
+}
+
+/// A circuit breaker: closed → open after `failure_threshold` failures within `window` →
+/// half-open after `open_for` (up to `half_open_probes` trial tasks) → closed on success.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BreakerConfig {
+    /// Failures that open the breaker. If unsure: 5.
+    pub failure_threshold: u32,
+    /// The window failures are counted in. If unsure: 30s.
+    #[serde(with = "duration")]
+    pub window: Duration,
+    /// How long it stays open before probing. If unsure: 30s.
+    #[serde(with = "duration")]
+    pub open_for: Duration,
+    /// Trial tasks let through while half-open. If unsure: 1.
+    pub half_open_probes: u32,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self {
+            failure_threshold: 5,
+            window: Duration::from_secs(30),
+            open_for: Duration::from_secs(30),
+            half_open_probes: 1,
+        }
+    }
+}
+
+/// Body encryption: categories whose task bodies are sealed (XChaCha20-Poly1305), and the
+/// keyring. Keys are 32 random bytes, base64 (`taskmesh keygen`); keep them out of the
+/// config file in production with `keys_file` (a TOML file with `current` and `[keys]`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EncryptionConfig {
+    /// Categories whose bodies are encrypted; a plain body there is refused.
+    pub categories: Vec<Category>,
+    /// Key id new bodies are sealed with.
+    pub current: Option<String>,
+    /// Keys by id (old ones stay for decrypt after a rotation).
+    pub keys: BTreeMap<String, String>,
+    /// A TOML file holding `current` and `[keys]`, read at start (overrides the above).
+    pub keys_file: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeysFile {
+    current: String,
+    keys: BTreeMap<String, String>,
+}
+
+impl EncryptionConfig {
+    /// The keyring, if any category is encrypted.
+    pub fn keyring(&self) -> Result<Option<crate::crypto::Keyring>, String> {
+        if self.categories.is_empty() {
+            return Ok(None);
+        }
+        let (current, keys) = match &self.keys_file {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+                let f: KeysFile =
+                    toml::from_str(&text).map_err(|e| format!("{}: {e}", p.display()))?;
+                (f.current, f.keys)
+            }
+            None => (
+                self.current
+                    .clone()
+                    .ok_or("set current (the key id to seal with)")?,
+                self.keys.clone(),
+            ),
+        };
+        crate::crypto::Keyring::new(&current, &keys)
+            .map(Some)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// A rate: `count` events per `per`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    /// Events allowed…
+    pub count: u32,
+    /// …per this period.
+    pub per: Duration,
+}
+
+impl Rate {
+    /// The spacing between two events.
+    pub fn interval(&self) -> Duration {
+        self.per / self.count.max(1)
+    }
+}
+
+/// Parses `"10/s"`, `"600/m"`, `"5/h"`, `"100/10s"`.
+pub fn parse_rate(s: &str) -> Result<Rate, String> {
+    let (n, per) = s.split_once('/').ok_or_else(|| {
+        format!("invalid rate {s:?}: expected <count>/<period>, e.g. 10/s or 600/m")
+    })?;
+    let count: u32 = n
+        .trim()
+        .parse()
+        .map_err(|_| format!("invalid rate {s:?}: {n:?} is not a whole number"))?;
+    if count == 0 {
+        return Err(format!("invalid rate {s:?}: count must be at least 1"));
+    }
+    let per = match per.trim() {
+        "s" | "sec" | "second" => Duration::from_secs(1),
+        "m" | "min" | "minute" => Duration::from_secs(60),
+        "h" | "hour" => Duration::from_secs(3600),
+        other => parse_duration(other).map_err(|e| format!("invalid rate {s:?}: {e}"))?,
+    };
+    if per.is_zero() {
+        return Err(format!("invalid rate {s:?}: period must not be zero"));
+    }
+    Ok(Rate { count, per })
 }
 
 /// Parses a duration: a humantime string (`"30s"`, `"10m"`, `"1h 30m"`) or whole seconds.
@@ -527,6 +711,27 @@ mod tests {
         );
         let t = &c.tasks[&TaskName::parse("email.send").unwrap()];
         assert_eq!(t.timeout, Some(Duration::from_secs(30)));
+    }
+
+    #[test]
+    fn rates() {
+        assert_eq!(
+            parse_rate("10/s").unwrap().interval(),
+            Duration::from_millis(100)
+        );
+        assert_eq!(
+            parse_rate("600/m").unwrap().interval(),
+            Duration::from_millis(100)
+        );
+        assert_eq!(
+            parse_rate("100/10s").unwrap().interval(),
+            Duration::from_millis(100)
+        );
+        for bad in ["10", "0/s", "x/s", "10/fortnight", "10/0s"] {
+            assert!(parse_rate(bad).is_err(), "{bad}");
+        }
+        let e = Config::from_toml_str("[limits]\nsmtp = \"ten/s\"").unwrap_err();
+        assert!(e.to_string().contains("limits.smtp"), "{e}");
     }
 
     #[test]

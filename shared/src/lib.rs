@@ -11,10 +11,12 @@
 //! - [`record`]: the result record and worker heartbeat JSON;
 //! - [`config`]: the TOML configuration with defaults for the five seed categories;
 //! - [`schedule`]: the raw schedule definition and the default schedule set;
+//! - [`crypto`]: authenticated encryption of task bodies for chosen categories;
 //! - [`clock`]: an injectable wall clock.
 
 pub mod clock;
 pub mod config;
+pub mod crypto;
 pub mod names;
 pub mod outcome;
 pub mod record;

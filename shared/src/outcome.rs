@@ -125,6 +125,8 @@ pub enum Outcome {
     UnknownTask(String),
     /// The deadline passed before the task started.
     Expired(String),
+    /// Cancelled on request before or while it ran.
+    Cancelled(String),
 }
 
 impl Outcome {
@@ -139,6 +141,7 @@ impl Outcome {
             Outcome::Undecodable(_) => "undecodable",
             Outcome::UnknownTask(_) => "unknown_task",
             Outcome::Expired(_) => "expired",
+            Outcome::Cancelled(_) => "cancelled",
         }
     }
     /// The error text, if this is a failure.
@@ -148,9 +151,10 @@ impl Outcome {
             Outcome::Failed(e) => Some(e.to_string()),
             Outcome::Panicked(m) => Some(format!("handler panicked: {m}")),
             Outcome::TimedOut(d) => Some(format!("handler exceeded its time limit of {d:?}")),
-            Outcome::Undecodable(m) | Outcome::UnknownTask(m) | Outcome::Expired(m) => {
-                Some(m.clone())
-            }
+            Outcome::Undecodable(m)
+            | Outcome::UnknownTask(m)
+            | Outcome::Expired(m)
+            | Outcome::Cancelled(m) => Some(m.clone()),
         }
     }
 }
@@ -165,6 +169,8 @@ pub enum Decision {
         /// Delay before the redelivery.
         delay: Duration,
     },
+    /// Terminate without a dead letter: the task was cancelled on request.
+    Cancel,
     /// Copy to the DLQ, wait for its PubAck, then terminate the original.
     DeadLetter {
         /// `Dlq-Reason`.
@@ -222,6 +228,7 @@ pub fn decide(
             reason: DeadReason::Expired,
             error: msg(),
         },
+        Outcome::Cancelled(_) => Decision::Cancel,
     }
 }
 

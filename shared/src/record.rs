@@ -19,12 +19,17 @@ pub enum TaskState {
     Failed,
     /// In the dead-letter stream.
     Dead,
+    /// Cancelled on request (`taskmesh cancel`) before or while it ran.
+    Cancelled,
 }
 
 impl TaskState {
     /// Is this a state the task will not leave by itself?
     pub fn is_final(self) -> bool {
-        matches!(self, Self::Succeeded | Self::Failed | Self::Dead)
+        matches!(
+            self,
+            Self::Succeeded | Self::Failed | Self::Dead | Self::Cancelled
+        )
     }
     /// The wire value.
     pub fn as_str(self) -> &'static str {
@@ -34,6 +39,7 @@ impl TaskState {
             Self::Retrying => "retrying",
             Self::Failed => "failed",
             Self::Dead => "dead",
+            Self::Cancelled => "cancelled",
         }
     }
 }

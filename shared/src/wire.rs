@@ -42,6 +42,13 @@ pub mod headers {
     pub const DLQ_TIME: &str = "Dlq-Time";
     /// Dead letter: the original subject (so replay needs no parsing).
     pub const DLQ_SUBJECT: &str = "Dlq-Subject";
+    /// Encrypted body: the key id it was sealed with.
+    pub const TASK_KEY_ID: &str = "Task-Key-Id";
+    /// Encrypted body: the scheme (`xchacha20poly1305`).
+    pub const TASK_ENCODING: &str = "Task-Encoding";
+    /// Attempts already used before this copy was published (a task deferred by an open
+    /// circuit breaker keeps its attempt count across the republish).
+    pub const TASK_ATTEMPTS_USED: &str = "Task-Attempts-Used";
     /// JetStream message schedule (`@at <RFC 3339>`), for delayed tasks.
     pub const NATS_SCHEDULE: &str = "Nats-Schedule";
     /// JetStream message schedule target subject.
@@ -70,6 +77,12 @@ pub const SCHEDULER_BUCKET: &str = "TASKMESH_SCHEDULER";
 pub const LEASES_BUCKET: &str = "TASKMESH_LEASES";
 /// KV bucket of worker heartbeats.
 pub const WORKERS_BUCKET: &str = "TASKMESH_WORKERS";
+/// KV bucket of shared rate limiters (key = limiter name, value = next free slot).
+pub const LIMITS_BUCKET: &str = "TASKMESH_LIMITS";
+/// KV bucket of cancel requests (key = task id).
+pub const CANCELS_BUCKET: &str = "TASKMESH_CANCELS";
+/// KV bucket of unique-task locks (key = uniqueness key, value = task id, per-key TTL).
+pub const UNIQUE_BUCKET: &str = "TASKMESH_UNIQUE";
 
 /// `tasks.<category>.<name>` plus `.high` / `.low` for priority lanes.
 pub fn task_subject(task: &TaskName, lane: Lane) -> String {

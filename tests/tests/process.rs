@@ -3,161 +3,24 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use taskmesh_nats::{Client, EnqueueOptions};
-use taskmesh_shared::{Config, TaskId, TaskName, TaskState};
-use taskmesh_tests::{NatsServer, TaskmeshProcess, eventually, nats_server_bin};
+use taskmesh_shared::{TaskId, TaskState};
+use taskmesh_tests::{
+    LedgerEntry, TaskmeshProcess, TestMesh, eventually, ledger_counts as count, nats_server_bin,
+};
 use tokio::time::Instant;
-
-/// One ledger line: `<event> <task id> <attempt> <pid> <unix ms>`.
-#[derive(Debug, Clone)]
-struct Entry {
-    event: String,
-    id: String,
-    attempt: u32,
-    at_ms: i64,
-}
-
-fn ledger(path: &Path) -> Vec<Entry> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let mut p = l.split_whitespace();
-            let (event, id, attempt) =
-                (p.next()?.into(), p.next()?.into(), p.next()?.parse().ok()?);
-            let _pid = p.next()?;
-            Some(Entry {
-                event,
-                id,
-                attempt,
-                at_ms: p.next()?.parse().ok()?,
-            })
-        })
-        .collect()
-}
-
-fn count(entries: &[Entry], event: &str) -> HashMap<String, usize> {
-    let mut m = HashMap::new();
-    for e in entries.iter().filter(|e| e.event == event) {
-        *m.entry(e.id.clone()).or_default() += 1;
-    }
-    m
-}
-
-struct Fixture {
-    _server: NatsServer,
-    _dir: tempfile::TempDir,
-    config: PathBuf,
-    ledger: PathBuf,
-    client: Client,
-}
-
-impl Fixture {
-    async fn start(category_extra: &str, worker_extra: &str) -> Self {
-        let server = NatsServer::start().await;
-        let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("taskmesh.toml");
-        let ledger = dir.path().join("ledger.txt");
-        std::fs::write(
-            &config,
-            format!(
-                "seed_categories = false\n[nats]\nurl = \"{}\"\n[worker]\nheartbeat_interval = \"1s\"\n{worker_extra}\n\
-                 [categories.testkit]\nconcurrency = 8\nmax_deliver = 10\n{category_extra}\n",
-                server.url()
-            ),
-        )
-        .unwrap();
-        let mut p =
-            TaskmeshProcess::spawn(&["provision", "--config", config.to_str().unwrap()], &[]);
-        let status = p
-            .wait_exit(Duration::from_secs(30))
-            .await
-            .expect("provision exits");
-        assert!(status.success(), "provision failed: {}", p.log());
-        let cfg = Config::load(&config).unwrap();
-        let conn = taskmesh_nats::connect(&cfg.nats, "test", Duration::from_secs(5))
-            .await
-            .unwrap();
-        let client = Client::new(conn, &cfg).await.unwrap();
-        Self {
-            _server: server,
-            _dir: dir,
-            config,
-            ledger,
-            client,
-        }
-    }
-
-    fn worker(&self) -> TaskmeshProcess {
-        TaskmeshProcess::spawn(
-            &[
-                "worker",
-                "--config",
-                self.config.to_str().unwrap(),
-                "--category",
-                "testkit",
-            ],
-            &[("TASKMESH_TESTKIT_LEDGER", self.ledger.to_str().unwrap())],
-        )
-    }
-
-    async fn sleep_tasks(&self, prefix: &str, n: usize, ms: u64) -> Vec<TaskId> {
-        let task = TaskName::parse("testkit.sleep").unwrap();
-        let mut pending = Vec::new();
-        for i in 0..n {
-            let id = TaskId::new(format!("{prefix}-{i}")).unwrap();
-            let body = serde_json::to_vec(&serde_json::json!({ "ms": ms })).unwrap();
-            pending.push(
-                self.client
-                    .send(&task, body.into(), EnqueueOptions::default().id(id))
-                    .await
-                    .unwrap(),
-            );
-        }
-        let mut ids = Vec::new();
-        for p in pending {
-            ids.push(p.acked().await.unwrap().id);
-        }
-        ids
-    }
-
-    async fn all_succeeded(&self, ids: &[TaskId], limit: Duration) {
-        eventually(limit, "every task succeeded", || async {
-            let mut missing = Vec::new();
-            for id in ids {
-                match self.client.result(id).await.map_err(|e| e.to_string())? {
-                    Some(r) if r.state == TaskState::Succeeded => {}
-                    other => missing.push((id.to_string(), other.map(|r| r.state))),
-                }
-            }
-            if missing.is_empty() {
-                Ok(())
-            } else {
-                Err(format!(
-                    "{} not succeeded, first {:?}",
-                    missing.len(),
-                    missing[0]
-                ))
-            }
-        })
-        .await;
-    }
-}
 
 #[tokio::test]
 async fn kill_9_of_a_worker_mid_batch_loses_nothing() {
-    let fx = Fixture::start("ack_wait = \"2s\"", "").await;
+    let fx = TestMesh::start("ack_wait = \"2s\"", "").await;
     let ids = fx.sleep_tasks("k9", 300, 30).await;
     let mut a = fx.worker();
     eventually(
         Duration::from_secs(30),
         "worker A finished some tasks",
         || async {
-            let done = count(&ledger(&fx.ledger), "done").len();
+            let done = count(&fx.ledger(), "done").len();
             if done >= 40 {
                 Ok(())
             } else {
@@ -170,7 +33,7 @@ async fn kill_9_of_a_worker_mid_batch_loses_nothing() {
     let killed_ms = chrono::Utc::now().timestamp_millis();
     let _b = fx.worker();
     fx.all_succeeded(&ids, Duration::from_secs(60)).await;
-    let entries = ledger(&fx.ledger);
+    let entries = fx.ledger();
     let done = count(&entries, "done");
     let lost: Vec<&TaskId> = ids
         .iter()
@@ -184,7 +47,7 @@ async fn kill_9_of_a_worker_mid_batch_loses_nothing() {
         "duplicate executions beyond the in-flight window: {dup:?}"
     );
     // Tasks in flight at the kill came back within ack_wait (2 s) + 3 s.
-    let redelivered: Vec<&Entry> = entries
+    let redelivered: Vec<&LedgerEntry> = entries
         .iter()
         .filter(|e| e.event == "start" && e.attempt > 1)
         .collect();
@@ -210,11 +73,11 @@ async fn kill_9_of_a_worker_mid_batch_loses_nothing() {
 
 #[tokio::test]
 async fn sigterm_lets_in_flight_tasks_finish_and_exits_zero() {
-    let fx = Fixture::start("ack_wait = \"30s\"", "drain_grace = \"10s\"").await;
+    let fx = TestMesh::start("ack_wait = \"30s\"", "drain_grace = \"10s\"").await;
     let mut a = fx.worker();
     let ids = fx.sleep_tasks("drain", 6, 1500).await;
     eventually(Duration::from_secs(20), "all six started", || async {
-        let n = count(&ledger(&fx.ledger), "start").len();
+        let n = count(&fx.ledger(), "start").len();
         if n == 6 {
             Ok(())
         } else {
@@ -233,7 +96,7 @@ async fn sigterm_lets_in_flight_tasks_finish_and_exits_zero() {
         a.log_tail(20)
     );
     // Every in-flight task finished on that worker, first attempt.
-    let done = count(&ledger(&fx.ledger), "done");
+    let done = count(&fx.ledger(), "done");
     assert_eq!(done.len(), 6, "{done:?}");
     for id in &ids {
         let r = fx.client.result(id).await.unwrap().unwrap();
@@ -243,11 +106,11 @@ async fn sigterm_lets_in_flight_tasks_finish_and_exits_zero() {
 
 #[tokio::test]
 async fn sigterm_past_the_grace_hands_unfinished_tasks_to_another_worker_at_once() {
-    let fx = Fixture::start("ack_wait = \"30s\"", "drain_grace = \"1s\"").await;
+    let fx = TestMesh::start("ack_wait = \"30s\"", "drain_grace = \"1s\"").await;
     let mut a = fx.worker();
     fx.sleep_tasks("grace", 4, 20_000).await;
     eventually(Duration::from_secs(20), "all four started on A", || async {
-        let n = count(&ledger(&fx.ledger), "start").len();
+        let n = count(&fx.ledger(), "start").len();
         if n == 4 {
             Ok(())
         } else {
@@ -274,7 +137,8 @@ async fn sigterm_past_the_grace_hands_unfinished_tasks_to_another_worker_at_once
     );
     // Released with Nak(0): B starts them long before ack_wait (30 s) would have expired.
     eventually(Duration::from_secs(10), "B restarted all four", || async {
-        let again = ledger(&fx.ledger)
+        let again = fx
+            .ledger()
             .into_iter()
             .filter(|e| e.event == "start" && e.attempt >= 2)
             .count();

@@ -7,6 +7,7 @@
 //! - [`runtime`]: the [`Worker`]: one consume loop per category, pulling only for free
 //!   slots, processing each delivery through one path that ends in
 //!   `taskmesh_nats::Delivery::settle`; graceful drain;
+//! - [`breaker`]: circuit breakers keyed by dependency;
 //! - [`stats`]: counters for metrics, health and heartbeats;
 //! - [`catalog`]: the built-in tasks, one module per category.
 //!
@@ -31,6 +32,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod breaker;
 pub mod catalog;
 pub mod registry;
 pub mod runtime;

@@ -59,6 +59,12 @@ pub struct TaskPolicy {
     pub timeout: Option<Duration>,
     /// Store result records. If unsure: true.
     pub store_result: bool,
+    /// Soft time limit: the task's cancellation token fires, the attempt goes on.
+    pub soft_timeout: Option<Duration>,
+    /// A rate limit of this task across every worker.
+    pub rate_limit: Option<taskmesh_shared::config::Rate>,
+    /// The dependency this task needs (circuit breaker and `[limits]` key).
+    pub dependency: Option<String>,
 }
 
 impl Default for TaskPolicy {
@@ -68,6 +74,9 @@ impl Default for TaskPolicy {
             max_attempts: None,
             timeout: None,
             store_result: true,
+            soft_timeout: None,
+            rate_limit: None,
+            dependency: None,
         }
     }
 }
@@ -108,6 +117,25 @@ impl TaskPolicy {
         if let Some(s) = o.store_result {
             self.store_result = s;
         }
+        if let Some(d) = o.soft_timeout {
+            self.soft_timeout = Some(d);
+        }
+        if let Some(r) = o
+            .rate_limit
+            .as_deref()
+            .and_then(|r| taskmesh_shared::config::parse_rate(r).ok())
+        {
+            self.rate_limit = Some(r);
+        }
+        if let Some(d) = &o.dependency {
+            self.dependency = Some(d.clone());
+        }
+        self
+    }
+
+    /// Names the dependency the task needs.
+    pub fn with_dependency(mut self, d: &str) -> Self {
+        self.dependency = Some(d.to_owned());
         self
     }
 }

@@ -32,9 +32,14 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures::{FutureExt, Stream, StreamExt};
+use opentelemetry::trace::TraceContextExt;
+use std::collections::{HashMap, HashSet};
 use taskmesh_nats::async_nats::jetstream::{self, consumer::PullConsumer};
-use taskmesh_nats::{Connection, Delivery, Heartbeats, NatsError, ResultStore, topology};
+use taskmesh_nats::{
+    Cancels, Connection, Delivery, Heartbeats, Limits, NatsError, ResultStore, topology, trace,
+};
 use taskmesh_shared::config::{CategoryConfig, Config};
+use taskmesh_shared::crypto::Keyring;
 use taskmesh_shared::wire::{self, headers as h};
 use taskmesh_shared::{
     Category, Decision, ErrorInfo, Lane, Outcome, TaskError, TaskRecord, TaskState,
@@ -43,9 +48,14 @@ use taskmesh_shared::{
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::registry::{DecodeError, Registry, TaskContext};
 use crate::stats::{CategoryStats, Stats};
+
+/// How often consumer backlogs are polled for metrics.
+const BACKLOG_POLL: Duration = Duration::from_secs(5);
 
 /// How long a task runs before its `running` record is written.
 const RUNNING_RECORD_AFTER: Duration = Duration::from_millis(200);
@@ -69,7 +79,7 @@ pub struct WorkerOptions {
     pub categories: Vec<Category>,
     /// Overrides every category's concurrency.
     pub concurrency: Option<usize>,
-    /// A fixed worker id (default: `<categories>-<random>`).
+    /// A fixed worker id (default: `<category>.<category>-<random>`; it is a KV key).
     pub id: Option<String>,
 }
 
@@ -82,6 +92,53 @@ struct Inner {
     stats: Arc<Stats>,
     /// Fired at the end of the drain grace: running tasks are cancelled and released.
     abort: CancellationToken,
+    /// Cancel requests seen, and the tokens of running tasks.
+    cancels: CancelState,
+    /// Shared rate limiters (opened on first use).
+    limits: tokio::sync::OnceCell<Limits>,
+    /// Keyring for encrypted categories.
+    keyring: Option<Arc<Keyring>>,
+}
+
+#[derive(Default)]
+struct CancelState {
+    requested: std::sync::Mutex<HashSet<String>>,
+    running: std::sync::Mutex<HashMap<String, CancellationToken>>,
+}
+
+impl CancelState {
+    fn is_requested(&self, id: &str) -> bool {
+        self.requested
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(id)
+    }
+    fn mark(&self, id: String) {
+        if let Some(t) = self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+        {
+            t.cancel();
+        }
+        self.requested
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id);
+    }
+    fn start(&self, id: &str, token: CancellationToken) {
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_owned(), token);
+    }
+    fn finish(&self, id: &str) {
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+    }
 }
 
 struct CategoryRt {
@@ -123,7 +180,12 @@ impl Worker {
         if names.is_empty() {
             return Err(WorkerError::Config("no category to serve".into()));
         }
-        let stats = Arc::new(Stats::default());
+        let stats = Arc::new(Stats::with_breakers(cfg.breakers.clone()));
+        let keyring = cfg
+            .encryption
+            .keyring()
+            .map_err(|e| WorkerError::Config(format!("encryption: {e}")))?
+            .map(Arc::new);
         let mut categories = Vec::with_capacity(names.len());
         for name in &names {
             let c = cfg
@@ -146,7 +208,7 @@ impl Worker {
         };
         let id = opts.id.unwrap_or_else(|| {
             let cats: Vec<&str> = names.iter().map(Category::as_str).collect();
-            format!("{}-{:08x}", cats.join("+"), fastrand::u32(..))
+            format!("{}-{:08x}", cats.join("."), fastrand::u32(..))
         });
         Ok(Self {
             inner: Arc::new(Inner {
@@ -157,6 +219,9 @@ impl Worker {
                 results,
                 stats,
                 abort: CancellationToken::new(),
+                cancels: CancelState::default(),
+                limits: tokio::sync::OnceCell::new(),
+                keyring,
             }),
             categories,
         })
@@ -187,6 +252,12 @@ impl Worker {
             categories = ?self.categories.iter().map(|c| (c.name.as_str(), c.concurrency)).collect::<Vec<_>>(),
             "worker started"
         );
+        let canceller = tokio::spawn(cancel_watch(self.inner.clone(), hb_stop.clone()));
+        let poller = tokio::spawn(backlog_loop(
+            self.inner.clone(),
+            self.categories.clone(),
+            hb_stop.clone(),
+        ));
         let loops: Vec<_> = self
             .categories
             .iter()
@@ -228,6 +299,8 @@ impl Worker {
         }
         hb_stop.cancel();
         let _ = hb.await;
+        let _ = poller.await;
+        let _ = canceller.await;
         if let Err(e) = self.inner.conn.client.flush().await {
             tracing::warn!(error = %e, "flush at shutdown failed");
         }
@@ -279,6 +352,76 @@ async fn heartbeat_loop(
         && let Err(e) = h.remove(&inner.id).await
     {
         tracing::debug!(error = %e, "removing heartbeat failed");
+    }
+}
+
+/// Follows cancel requests: remembers them and fires the token of a running task.
+async fn cancel_watch(inner: Arc<Inner>, stop: CancellationToken) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let watch = match Cancels::open(&inner.conn.js).await {
+            Ok(c) => c.watch().await,
+            Err(e) => Err(e),
+        };
+        match watch {
+            Ok(w) => {
+                tokio::pin!(w);
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        next = w.next() => match next {
+                            Some(id) => inner.cancels.mark(id),
+                            None => break,
+                        },
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "cancel requests unavailable"),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// Polls consumer backlogs and the DLQ size for metrics (every 5 s; best effort: an
+/// identity without permission for `TASKS_DLQ` info simply reports no DLQ gauge).
+async fn backlog_loop(inner: Arc<Inner>, cats: Vec<Arc<CategoryRt>>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(BACKLOG_POLL);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let mut depths = Vec::new();
+        for c in &cats {
+            for lane in Lane::ALL {
+                let stream = wire::stream_name(&c.name);
+                let consumer = wire::consumer_name(&c.name, lane);
+                let got: Result<jetstream::consumer::PullConsumer, _> = inner
+                    .conn
+                    .js
+                    .get_consumer_from_stream(&consumer, &stream)
+                    .await;
+                if let Ok(pc) = got {
+                    // The lookup itself fetched fresh info.
+                    let info = pc.cached_info();
+                    depths.push(crate::stats::QueueDepth {
+                        category: c.name.to_string(),
+                        lane: lane.as_str(),
+                        pending: info.num_pending,
+                        ack_pending: info.num_ack_pending as u64,
+                    });
+                }
+            }
+        }
+        inner.stats.set_queues(depths);
+        if let Ok(dlq) = inner.conn.js.get_stream(wire::DLQ_STREAM).await {
+            let messages = dlq.cached_info().state.messages;
+            inner.stats.dlq_messages.store(messages, Ordering::Relaxed);
+        }
     }
 }
 
@@ -575,13 +718,111 @@ fn header_attempts(d: &Delivery) -> Option<u32> {
         .filter(|n| *n > 0)
 }
 
-/// The W3C trace id of a `traceparent` header (`00-<trace id>-<span id>-<flags>`).
-fn trace_id_of(traceparent: &str) -> Option<String> {
-    let mut parts = traceparent.split('-');
-    let _version = parts.next()?;
-    let id = parts.next()?;
-    (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()) && id != "0".repeat(32))
-        .then(|| id.to_ascii_lowercase())
+/// Releases a running task's cancel registration when its attempt ends.
+struct FinishGuard<'a>(&'a CancelState, &'a str);
+
+impl Drop for FinishGuard<'_> {
+    fn drop(&mut self) {
+        self.0.finish(self.1);
+    }
+}
+
+/// Did the dependency fail (as opposed to the task's own input)?
+fn is_dependency_failure(o: &Outcome) -> bool {
+    matches!(
+        o,
+        Outcome::Failed(TaskError::Retryable { .. }) | Outcome::TimedOut(_)
+    )
+}
+
+/// The shared limits a task is subject to: its own and its dependency's.
+fn rate_limits(
+    inner: &Inner,
+    policy: &crate::registry::TaskPolicy,
+    task: &taskmesh_shared::TaskName,
+) -> Vec<(String, taskmesh_shared::config::Rate)> {
+    let mut v = Vec::new();
+    if let Some(r) = policy.rate_limit {
+        v.push((format!("task.{}", task.as_str()), r));
+    }
+    if let Some(dep) = &policy.dependency
+        && let Some(r) = inner
+            .cfg
+            .limits
+            .get(dep)
+            .and_then(|r| taskmesh_shared::config::parse_rate(r).ok())
+    {
+        v.push((format!("dep.{dep}"), r));
+    }
+    v
+}
+
+async fn limiter(inner: &Inner) -> Result<&Limits, NatsError> {
+    inner
+        .limits
+        .get_or_try_init(|| Limits::open(&inner.conn.js))
+        .await
+}
+
+/// Decrypts the body of a task in an encrypted category; the error says why it must not run.
+async fn open_body(inner: &Inner, d: &Delivery, task_id: &str) -> Result<Vec<u8>, String> {
+    let Some(ring) = &inner.keyring else {
+        return Err("encrypted category but no keyring configured".into());
+    };
+    let Some(key_id) = d.header(h::TASK_KEY_ID) else {
+        return Err("plain body in an encrypted category (no Task-Key-Id)".into());
+    };
+    let plain = ring
+        .open(key_id, d.subject(), task_id, d.payload())
+        .map_err(|e| e.to_string())?;
+    // A valid ciphertext of a task that already finished is a replay.
+    if let Some(store) = &inner.results
+        && let Ok(id) = taskmesh_shared::TaskId::new(task_id)
+        && let Ok(Some(r)) = store.get(&id).await
+        && r.state.is_final()
+    {
+        return Err(format!(
+            "replayed ciphertext: task {task_id} already finished ({})",
+            r.state.as_str()
+        ));
+    }
+    Ok(plain)
+}
+
+/// Defers a task whose dependency's breaker is open: scheduled copy, attempt kept.
+async fn defer(
+    inner: &Inner,
+    cat: &CategoryRt,
+    d: &Delivery,
+    record: &mut TaskRecord,
+    store: Option<&ResultStore>,
+    dep: &str,
+    until: DateTime<Utc>,
+) {
+    record.state = TaskState::Retrying;
+    record.attempts = d.attempt().saturating_sub(1);
+    record.finished_at = Some(Utc::now());
+    record.error = Some(ErrorInfo {
+        kind: "breaker_open".into(),
+        message: format!(
+            "dependency {dep} is unavailable; deferred until {}",
+            until.to_rfc3339()
+        ),
+    });
+    match d.defer(&inner.conn.js, &cat.name, until).await {
+        Ok(()) => {
+            tracing::info!(task_id = %record.id, dependency = dep, until = %until, "breaker open: task deferred");
+            if let Some(s) = store
+                && let Err(e) = s.put(record).await
+            {
+                tracing::debug!(error = %e, "cannot write deferred record");
+            }
+        }
+        Err(e) => {
+            tracing::warn!(task_id = %record.id, error = %e, "cannot defer; releasing for a later delivery");
+            let _ = d.release().await;
+        }
+    }
 }
 
 fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
@@ -602,7 +843,7 @@ async fn process(inner: &Arc<Inner>, cat: &Arc<CategoryRt>, msg: jetstream::Mess
             return;
         }
     };
-    let attempt = d.meta().attempt;
+    let attempt = d.attempt();
     let task_id = d.task_id();
     let parsed = wire::parse_task_subject(d.subject());
     let task_name = parsed
@@ -618,7 +859,86 @@ async fn process(inner: &Arc<Inner>, cat: &Arc<CategoryRt>, msg: jetstream::Mess
         .unwrap_or(cat.cfg.max_attempts)
         .min(u32::try_from(cat.cfg.max_deliver).unwrap_or(u32::MAX))
         .max(1);
-    let trace_id = d.header(h::TRACEPARENT).and_then(trace_id_of);
+    let remote = trace::extract(d.headers());
+    let span = if trace::enabled() {
+        tracing::info_span!(
+            "process",
+            otel.name = %format!("process {}", d.subject()),
+            otel.kind = "consumer",
+            messaging.system = "nats",
+            messaging.operation.type = "process",
+            messaging.destination.name = %d.subject(),
+            messaging.message.id = %task_id,
+            task.id = %task_id,
+            task.name = %task_name,
+            task.attempt = attempt,
+            task.outcome = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+        )
+    } else {
+        tracing::info_span!(
+            "task",
+            task.id = %task_id,
+            task.name = %task_name,
+            task.attempt = attempt,
+            task.outcome = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+        )
+    };
+    let trace_id = if trace::enabled() {
+        if let Some(sc) = remote.clone() {
+            // First attempt of a directly enqueued task continues the producer's trace;
+            // retries and scheduled fires start their own, linked to it.
+            let follow = attempt == 1
+                && d.header(h::TASK_SCHEDULE).is_none()
+                && inner.cfg.tracing.trust_incoming;
+            if follow {
+                let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(sc));
+            } else {
+                span.add_link(sc);
+            }
+        }
+        let cx = span.context();
+        let sc = cx.span().span_context().clone();
+        sc.is_valid().then(|| trace::trace_id_hex(&sc))
+    } else {
+        remote.map(|sc| trace::trace_id_hex(&sc))
+    };
+    if let Some(t) = &trace_id {
+        span.record("trace_id", t.as_str());
+    }
+    run_task(
+        inner,
+        cat,
+        d,
+        task_id,
+        task_name,
+        parsed,
+        registered,
+        policy,
+        max_attempts,
+        trace_id,
+        span.clone(),
+    )
+    .instrument(span)
+    .await;
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_task(
+    inner: &Arc<Inner>,
+    cat: &Arc<CategoryRt>,
+    d: Delivery,
+    task_id: String,
+    task_name: String,
+    parsed: Option<wire::ParsedSubject>,
+    registered: Option<&crate::registry::Registered>,
+    policy: crate::registry::TaskPolicy,
+    max_attempts: u32,
+    trace_id: Option<String>,
+    span: tracing::Span,
+) {
+    let attempt = d.attempt();
     let enqueued_at = d
         .header(h::TASK_ENQUEUED_AT)
         .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
@@ -668,6 +988,16 @@ async fn process(inner: &Arc<Inner>, cat: &Arc<CategoryRt>, msg: jetstream::Mess
                 "delivered {attempt} times without completing (worker crashed or exceeded ack_wait)"
             )));
         }
+        let limit = usize::try_from(inner.cfg.streams.max_msg_size).unwrap_or(usize::MAX);
+        if d.payload().len() > limit {
+            break 'run Outcome::Undecodable(format!(
+                "body of {} bytes exceeds the limit of {limit} bytes",
+                d.payload().len()
+            ));
+        }
+        if inner.cancels.is_requested(&task_id) {
+            break 'run Outcome::Cancelled("cancelled before it started".into());
+        }
         let Some(registered) = registered else {
             break 'run Outcome::UnknownTask(format!(
                 "no handler for task {} on worker {} (registered: {})",
@@ -676,19 +1006,83 @@ async fn process(inner: &Arc<Inner>, cat: &Arc<CategoryRt>, msg: jetstream::Mess
                 inner.registry.names().join(", ")
             ));
         };
+        let encrypted = inner
+            .cfg
+            .encryption
+            .categories
+            .iter()
+            .any(|c| *c == cat.name);
+        let plain: std::borrow::Cow<'_, [u8]> = if encrypted {
+            match open_body(inner, &d, &task_id).await {
+                Ok(p) => std::borrow::Cow::Owned(p),
+                Err(why) => break 'run Outcome::Undecodable(why),
+            }
+        } else {
+            std::borrow::Cow::Borrowed(&d.payload()[..])
+        };
+        // A breaker open for the task's dependency: defer without spending an attempt.
+        let mut probe = None;
+        if let Some(dep) = &policy.dependency {
+            let breaker = inner.stats.breakers.get(dep);
+            match breaker.admit() {
+                crate::breaker::Admit::Run { probe: p } => probe = Some((breaker, p)),
+                crate::breaker::Admit::Defer(wait) => {
+                    let jitter = Duration::from_millis(fastrand::u64(0..2000));
+                    let until =
+                        Utc::now() + chrono::Duration::from_std(wait + jitter).unwrap_or_default();
+                    defer(inner, cat, &d, &mut record, store, dep, until).await;
+                    return;
+                }
+            }
+        }
+        let cancel = inner.abort.child_token();
         let ctx = TaskContext {
             id: task_id.clone(),
             task: parsed.task.clone(),
             attempt,
             max_attempts,
-            cancel: inner.abort.child_token(),
+            cancel: cancel.clone(),
             schedule: d.header(h::TASK_SCHEDULE).map(str::to_owned),
             fire_time: d.header(h::TASK_FIRE_TIME).map(str::to_owned),
             trace_id: trace_id.clone(),
             worker: inner.id.clone(),
         };
-        let started =
-            std::panic::catch_unwind(AssertUnwindSafe(|| registered.start(ctx, d.payload())));
+        let every = (cat.cfg.ack_wait / 3).max(Duration::from_millis(100));
+        let mut progress = tokio::time::interval_at(Instant::now() + every, every);
+        // Shared rate limits: wait for this task's slot (progress keeps the delivery alive).
+        for (key, rate) in rate_limits(inner, &policy, &parsed.task) {
+            let wait = match limiter(inner).await {
+                Ok(l) => l.reserve(&key, rate).await,
+                Err(e) => Err(e),
+            };
+            let wait = match wait {
+                Ok(w) => w,
+                Err(e) => {
+                    break 'run Outcome::Failed(TaskError::retryable(format!(
+                        "rate limiter {key}: {e}"
+                    )));
+                }
+            };
+            let until = Instant::now() + wait;
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(until) => break,
+                    _ = progress.tick() => { let _ = d.progress().await; }
+                    _ = inner.abort.cancelled() => {
+                        let _ = d.release().await;
+                        return;
+                    }
+                }
+            }
+        }
+        inner.cancels.start(&task_id, cancel.clone());
+        let _running = FinishGuard(&inner.cancels, &task_id);
+        if inner.cancels.is_requested(&task_id) {
+            cancel.cancel();
+        }
+        let soft = policy.soft_timeout.map(|t| Instant::now() + t);
+        let mut soft_fired = false;
+        let started = std::panic::catch_unwind(AssertUnwindSafe(|| registered.start(ctx, &plain)));
         let fut = match started {
             Ok(Ok(f)) => f,
             Ok(Err(DecodeError::Syntax(m))) => break 'run Outcome::Undecodable(m),
@@ -697,8 +1091,6 @@ async fn process(inner: &Arc<Inner>, cat: &Arc<CategoryRt>, msg: jetstream::Mess
         };
         let fut = AssertUnwindSafe(fut).catch_unwind();
         tokio::pin!(fut);
-        let every = (cat.cfg.ack_wait / 3).max(Duration::from_millis(100));
-        let mut progress = tokio::time::interval_at(Instant::now() + every, every);
         let hard = policy.timeout.map(|t| (t, Instant::now() + t));
         // A `running` record is written only for tasks still running after a moment:
         // fast tasks cost one result write, not two.
@@ -708,11 +1100,30 @@ async fn process(inner: &Arc<Inner>, cat: &Arc<CategoryRt>, msg: jetstream::Mess
         let mut running_written = false;
         loop {
             tokio::select! {
-                r = &mut fut => break 'run match r {
-                    Ok(Ok(v)) => Outcome::Succeeded(v),
-                    Ok(Err(e)) => Outcome::Failed(e),
-                    Err(p) => Outcome::Panicked(panic_message(p.as_ref())),
+                r = &mut fut => {
+                    let outcome = match r {
+                        Ok(Ok(v)) => Outcome::Succeeded(v),
+                        Ok(Err(e)) => Outcome::Failed(e),
+                        Err(p) => Outcome::Panicked(panic_message(p.as_ref())),
+                    };
+                    let outcome = match outcome {
+                        // A cancelled task that did not finish its work is cancelled, not failed.
+                        Outcome::Succeeded(v) => Outcome::Succeeded(v),
+                        other if inner.cancels.is_requested(&task_id) => {
+                            Outcome::Cancelled(format!("cancelled while running ({})", other.error_message().unwrap_or_default()))
+                        }
+                        other => other,
+                    };
+                    if let Some((b, p)) = &probe {
+                        b.record(is_dependency_failure(&outcome), *p);
+                    }
+                    break 'run outcome;
                 },
+                _ = sleep_until_opt(soft), if soft.is_some() && !soft_fired => {
+                    soft_fired = true;
+                    tracing::warn!(task_id = %task_id, "soft time limit reached: cancellation requested");
+                    cancel.cancel();
+                }
                 _ = sleep_until_opt(running_at), if running_at.is_some() && !running_written => {
                     running_written = true;
                     if let Some(store) = store
@@ -727,6 +1138,10 @@ async fn process(inner: &Arc<Inner>, cat: &Arc<CategoryRt>, msg: jetstream::Mess
                     }
                 }
                 _ = sleep_until_opt(hard.map(|h| h.1)), if hard.is_some() => {
+                    cancel.cancel();
+                    if let Some((b, p)) = &probe {
+                        b.record(true, *p);
+                    }
                     break 'run Outcome::TimedOut(hard.map(|h| h.0).unwrap_or_default());
                 }
                 _ = inner.abort.cancelled() => {
@@ -747,14 +1162,23 @@ async fn process(inner: &Arc<Inner>, cat: &Arc<CategoryRt>, msg: jetstream::Mess
         &policy.retry,
         fastrand::f64(),
     );
+    span.record("task.outcome", outcome.kind());
+    // Unregistered names come from publishers: one label for all of them, so a stream of
+    // made-up task names cannot blow up metric cardinality.
+    let metric_task = if registered.is_some() {
+        std::borrow::Cow::Borrowed(task_name.as_str())
+    } else {
+        std::borrow::Cow::Owned(format!("{}._unknown", cat.name))
+    };
     inner
         .stats
-        .record(&task_name, outcome.kind(), elapsed.as_secs_f64());
+        .record(&metric_task, outcome.kind(), elapsed.as_secs_f64());
 
     record.finished_at = Some(Utc::now());
     record.duration_ms = Some(u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX));
     record.state = match &decision {
         Decision::Ack => TaskState::Succeeded,
+        Decision::Cancel => TaskState::Cancelled,
         Decision::Retry { .. } => TaskState::Retrying,
         Decision::DeadLetter { .. } => TaskState::Dead,
     };
@@ -774,6 +1198,7 @@ async fn process(inner: &Arc<Inner>, cat: &Arc<CategoryRt>, msg: jetstream::Mess
         }
     }
     match &decision {
+        Decision::Cancel => tracing::info!(task_id = %task_id, task = %task_name, "task cancelled"),
         Decision::Ack => {
             tracing::debug!(task_id = %task_id, task = %task_name, attempt, "task succeeded")
         }
@@ -811,19 +1236,6 @@ async fn process(inner: &Arc<Inner>, cat: &Arc<CategoryRt>, msg: jetstream::Mess
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn trace_ids() {
-        assert_eq!(
-            trace_id_of("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").as_deref(),
-            Some("4bf92f3577b34da6a3ce929d0e0e4736")
-        );
-        assert_eq!(
-            trace_id_of("00-00000000000000000000000000000000-00f067aa0ba902b7-01"),
-            None
-        );
-        assert_eq!(trace_id_of("garbage"), None);
-    }
 
     #[test]
     fn low_lane_is_not_starved() {
