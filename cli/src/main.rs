@@ -111,6 +111,13 @@ enum Cmd {
         /// Run at this instant (RFC 3339).
         #[arg(long)]
         at: Option<String>,
+        /// Refuse the enqueue while an equal task (same name and arguments, or the same
+        /// --unique-key) was enqueued within this window (`10m`, `1h`).
+        #[arg(long)]
+        unique_for: Option<String>,
+        /// Uniqueness key (default: task name + SHA-256 of the arguments).
+        #[arg(long, requires = "unique_for")]
+        unique_key: Option<String>,
         /// Wait for the task to finish and print its result record.
         #[arg(long)]
         wait: bool,
@@ -123,6 +130,17 @@ enum Cmd {
     /// Manage dynamic schedules.
     #[command(subcommand)]
     Schedules(schedules::SchedulesCmd),
+    /// Cancel a task: a queued one is skipped, a running one gets its cancellation token
+    /// fired (the handler decides how fast it stops).
+    Cancel {
+        /// The task id.
+        id: TaskId,
+        /// Why (recorded).
+        #[arg(long, default_value = "cancelled by operator")]
+        reason: String,
+    },
+    /// Print a new random encryption key (base64, 32 bytes) for `[encryption.keys]`.
+    Keygen,
     /// Local development: nats-server, provisioning, every category's worker (and the
     /// scheduler) in one process. Ctrl-C stops everything.
     Dev(dev::DevArgs),
@@ -258,6 +276,8 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             at,
             wait,
             timeout,
+            unique_for,
+            unique_key,
         } => {
             let cfg = cli.global.load_config()?;
             let args: serde_json::Value =
@@ -284,6 +304,15 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             if let Some(a) = at {
                 opts.run_at = Some(parse_instant(&a).context("--at")?);
             }
+            if let Some(w) = unique_for {
+                let window = parse_duration(&w)
+                    .map_err(anyhow::Error::msg)
+                    .context("--unique-for")?;
+                opts.unique = Some(taskmesh_nats::publish::Unique {
+                    window,
+                    key: unique_key,
+                });
+            }
             let done = client.enqueue(&task, &args, opts).await?;
             if done.duplicate {
                 eprintln!(
@@ -306,6 +335,32 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Cmd::Schedules(c) => schedules::schedules(cli.global.load_config()?, c).await,
+        Cmd::Cancel { id, reason } => {
+            let cfg = cli.global.load_config()?;
+            let conn = connect(&cfg, "cli").await?;
+            taskmesh_nats::Cancels::open(&conn.js)
+                .await?
+                .request(&id, &reason)
+                .await?;
+            let client = Client::new(conn, &cfg).await?;
+            match client.result(&id).await? {
+                Some(r) if r.state.is_final() => {
+                    println!(
+                        "task {id} already finished ({}); nothing to cancel",
+                        r.state.as_str()
+                    );
+                }
+                Some(r) => println!("cancel requested for task {id} (now {})", r.state.as_str()),
+                None => println!(
+                    "cancel requested for task {id} (queued or unknown: it will be skipped when delivered)"
+                ),
+            }
+            Ok(0)
+        }
+        Cmd::Keygen => {
+            println!("{}", taskmesh_shared::crypto::generate_key());
+            Ok(0)
+        }
         Cmd::Dev(a) => dev::run(cli.global.load_config()?, a).await.map(|()| 0),
         Cmd::Bench(a) => bench::run(a, cli.global.nats_url.clone()).await.map(|()| 0),
     }

@@ -52,7 +52,7 @@ impl Cancels {
     pub async fn watch(&self) -> Result<impl Stream<Item = String> + use<>, NatsError> {
         let w = self
             .kv
-            .watch_all()
+            .watch_with_history(">")
             .await
             .map_err(|e| NatsError::js("watching cancel requests", e))?;
         Ok(w.filter_map(|e| async move {

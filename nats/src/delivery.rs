@@ -232,6 +232,15 @@ impl Delivery {
         headers.insert(h::TASK_ID, id.as_str());
         let used = self.attempt().saturating_sub(1);
         headers.insert(h::TASK_ATTEMPTS_USED, used.to_string().as_str());
+        // Whole seconds, rounded up: never fire before `until`.
+        let until = if until.timestamp_subsec_nanos() > 0 {
+            until
+                + chrono::Duration::nanoseconds(
+                    1_000_000_000 - i64::from(until.timestamp_subsec_nanos()),
+                )
+        } else {
+            until
+        };
         headers.insert(
             h::NATS_SCHEDULE,
             format!("@at {}", until.to_rfc3339_opts(SecondsFormat::Secs, true)).as_str(),

@@ -130,7 +130,14 @@ impl PendingEnqueue {
     }
 }
 
+/// Outstanding PubAcks [`Client::enqueue_batch`] allows.
+pub const BATCH_WINDOW: usize = 1024;
+
 /// A taskmesh producer. Cheap to clone.
+///
+/// [`Client::send`] returns before the server acknowledges; a JetStream context holds at most
+/// 5 000 unacknowledged publishes and then waits, so await acknowledgements as you go
+/// (or use [`Client::enqueue_batch`]).
 #[derive(Debug, Clone)]
 pub struct Client {
     conn: Connection,
@@ -359,6 +366,33 @@ impl Client {
         }
         .map_err(|e| NatsError::publish(&subject, e))?;
         Ok(PendingEnqueue { id, subject, ack })
+    }
+
+    /// Enqueues many tasks with pipelined PubAcks (at most [`BATCH_WINDOW`] outstanding, well
+    /// under the JetStream context's in-flight limit); results come back in input order.
+    pub async fn enqueue_batch<I>(&self, items: I) -> Vec<Result<Enqueued, NatsError>>
+    where
+        I: IntoIterator<Item = (TaskName, Bytes, EnqueueOptions)>,
+    {
+        let mut out = Vec::new();
+        let mut inflight = futures::stream::FuturesOrdered::new();
+        for (task, body, opts) in items {
+            while inflight.len() >= BATCH_WINDOW {
+                if let Some(r) = inflight.next().await {
+                    out.push(r);
+                }
+            }
+            match self.send(&task, body, opts).await {
+                Ok(p) => inflight.push_back(futures::future::Either::Left(p.acked())),
+                Err(e) => inflight.push_back(futures::future::Either::Right(
+                    futures::future::ready(Err(e)),
+                )),
+            }
+        }
+        while let Some(r) = inflight.next().await {
+            out.push(r);
+        }
+        out
     }
 
     /// The task's current record, if any.

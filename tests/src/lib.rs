@@ -66,7 +66,9 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+pub mod inproc;
 pub mod mesh;
+pub use inproc::{InProcMesh, RunningWorker, one_category_config};
 pub use mesh::{LedgerEntry, TestMesh, ledger_counts, read_ledger};
 
 use nix::sys::signal::{Signal, kill};
@@ -1350,6 +1352,72 @@ impl Drop for TaskmeshProcess {
     }
 }
 
+// ---------------------------------------------------------------------------------------
+// HTTP
+// ---------------------------------------------------------------------------------------
+
+/// A minimal HTTP/1.1 GET against `addr` (`127.0.0.1:9090`): the status code and body, or
+/// the connection error as text (so it can feed [`eventually`]).
+pub async fn http_get(addr: &str, path: &str) -> Result<(u16, String), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").ok_or("no header end")?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("bad status line in {head:?}"))?;
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    Ok((status, body))
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// The address a `taskmesh` process logged as `http listening on <addr>`.
+pub async fn http_addr_of(p: &TaskmeshProcess) -> String {
+    p.wait_for_log("http listening on ", Duration::from_secs(30))
+        .await;
+    let log = p.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("http listening on "))
+        .unwrap_or_default();
+    line.split("http listening on ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_default()
+        .to_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1460,70 +1528,4 @@ mod tests {
         let err = result.expect_err("never Ok");
         assert!(err.contains("still running"), "{err}");
     }
-}
-
-// ---------------------------------------------------------------------------------------
-// HTTP
-// ---------------------------------------------------------------------------------------
-
-/// A minimal HTTP/1.1 GET against `addr` (`127.0.0.1:9090`): the status code and body, or
-/// the connection error as text (so it can feed [`eventually`]).
-pub async fn http_get(addr: &str, path: &str) -> Result<(u16, String), String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("connect {addr}: {e}"))?;
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes())
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.map_err(|e| e.to_string())?;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").ok_or("no header end")?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| format!("bad status line in {head:?}"))?;
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(body)
-    } else {
-        body.to_owned()
-    };
-    Ok((status, body))
-}
-
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = s.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        s = rest[n..].trim_start_matches("\r\n");
-    }
-    out
-}
-
-/// The address a `taskmesh` process logged as `http listening on <addr>`.
-pub async fn http_addr_of(p: &TaskmeshProcess) -> String {
-    p.wait_for_log("http listening on ", Duration::from_secs(30))
-        .await;
-    let log = p.log();
-    let line = log
-        .lines()
-        .find(|l| l.contains("http listening on "))
-        .unwrap_or_default();
-    line.split("http listening on ")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .unwrap_or_default()
-        .to_owned()
 }

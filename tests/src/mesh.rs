@@ -134,20 +134,17 @@ impl TestMesh {
         let task = TaskName::parse("testkit.sleep").expect("name");
         let body =
             bytes::Bytes::from(serde_json::to_vec(&serde_json::json!({ "ms": ms })).expect("json"));
-        let mut pending = Vec::new();
-        for i in 0..n {
+        let items = (0..n).map(|i| {
             let id = TaskId::new(format!("{prefix}-{i}")).expect("id");
-            pending.push(
-                self.client
-                    .send(&task, body.clone(), EnqueueOptions::default().id(id))
-                    .await
-                    .expect("send"),
-            );
-        }
-        let mut ids = Vec::new();
-        for p in pending {
-            ids.push(p.acked().await.expect("acked").id);
-        }
+            (task.clone(), body.clone(), EnqueueOptions::default().id(id))
+        });
+        let ids: Vec<TaskId> = self
+            .client
+            .enqueue_batch(items)
+            .await
+            .into_iter()
+            .map(|r| r.expect("enqueued").id)
+            .collect();
         ids
     }
 

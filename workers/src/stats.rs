@@ -176,6 +176,7 @@ impl Stats {
 
     /// Appends the worker metrics in Prometheus text format.
     pub fn render_prometheus(&self, out: &mut String) {
+        self.breakers.render_prometheus(out);
         let _ = writeln!(out, "# HELP taskmesh_tasks_total Task attempts by outcome.");
         let _ = writeln!(out, "# TYPE taskmesh_tasks_total counter");
         for ((task, outcome), c) in self.task_counts() {

@@ -31,6 +31,14 @@ pub struct FlakyArgs {
     pub fail_times: u32,
 }
 
+/// Arguments of `testkit.dependent`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DependentArgs {
+    /// While this file exists the dependency is "down" (a retryable failure).
+    pub down_flag: String,
+}
+
 /// Arguments of `testkit.crash`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -85,6 +93,17 @@ pub async fn flaky(ctx: TaskContext, a: FlakyArgs) -> Result<serde_json::Value, 
     Ok(serde_json::json!({ "attempt": ctx.attempt }))
 }
 
+/// `testkit.dependent {"down_flag": path}`: needs dependency `testkit-dep` (its breaker and
+/// `[limits]` entry apply); fails retryably while the flag file exists.
+pub async fn dependent(ctx: TaskContext, a: DependentArgs) -> Result<serde_json::Value, TaskError> {
+    ledger("start", &ctx);
+    if std::path::Path::new(&a.down_flag).exists() {
+        return Err(TaskError::retryable("dependency testkit-dep is down"));
+    }
+    ledger("done", &ctx);
+    Ok(serde_json::json!({ "attempt": ctx.attempt }))
+}
+
 /// `testkit.fail {}`: always a permanent failure.
 pub async fn fail(ctx: TaskContext, _a: serde_json::Value) -> Result<(), TaskError> {
     ledger("start", &ctx);
@@ -117,6 +136,11 @@ pub fn register(r: &mut Registry) -> Result<(), NameError> {
     r.register("testkit.sleep", quick.clone(), sleep)?;
     r.register("testkit.flaky", quick.clone(), flaky)?;
     r.register("testkit.fail", quick.clone(), fail)?;
+    r.register(
+        "testkit.dependent",
+        quick.clone().with_dependency("testkit-dep"),
+        dependent,
+    )?;
     r.register("testkit.crash", quick, crash)?;
     Ok(())
 }
