@@ -48,17 +48,21 @@ pub(crate) async fn run(mut cfg: Config, args: DevArgs) -> anyhow::Result<()> {
         let registry = Arc::new(crate::registry(&cfg, &conn)?);
         tracing::info!(tasks = ?registry.names(), "task catalog");
         let worker = Worker::new(conn.clone(), cfg.clone(), registry, WorkerOptions::default()).await?;
+        let scheduler_metrics = Arc::new(crate::http::LateMetrics::default());
         let probes = crate::http::Probes {
             conn: Some(conn.state.clone()),
             worker: Some(worker.stats()),
-            extra: Vec::new(),
+            extra: vec![scheduler_metrics.clone()],
         };
         let http_stop = tokio_util::sync::CancellationToken::new();
         crate::http::serve(args.http_addr, probes, http_stop.clone()).await?;
         let w = tokio::spawn(worker.run(shutdown.clone()));
         let sched = tokio::spawn(crate::schedules::run_scheduler(
             (*cfg).clone(),
-            crate::schedules::SchedulerArgs::default(),
+            crate::schedules::SchedulerArgs {
+                metrics_sink: Some(scheduler_metrics),
+                ..Default::default()
+            },
             shutdown.clone(),
         ));
         println!(

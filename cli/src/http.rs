@@ -20,6 +20,36 @@ pub(crate) trait MetricsSource: Send + Sync {
     fn render(&self, out: &mut String);
 }
 
+/// A metrics source filled in after the server started (`taskmesh dev` starts its HTTP
+/// server before the scheduler exists).
+#[derive(Default)]
+pub(crate) struct LateMetrics(std::sync::OnceLock<Arc<dyn MetricsSource>>);
+
+impl LateMetrics {
+    /// Sets the source (first call wins).
+    pub(crate) fn set(&self, source: Arc<dyn MetricsSource>) {
+        let _ = self.0.set(source);
+    }
+}
+
+impl std::fmt::Debug for LateMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() {
+            "LateMetrics(set)"
+        } else {
+            "LateMetrics(unset)"
+        })
+    }
+}
+
+impl MetricsSource for LateMetrics {
+    fn render(&self, out: &mut String) {
+        if let Some(s) = self.0.get() {
+            s.render(out);
+        }
+    }
+}
+
 /// What the endpoints report on.
 #[derive(Clone, Default)]
 pub(crate) struct Probes {

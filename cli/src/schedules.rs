@@ -26,12 +26,15 @@ pub(crate) struct SchedulerArgs {
     /// This replica's id, shown as the lease holder (`taskmesh schedules list`); unique
     /// per replica. Default: `<hostname>-<pid>`.
     #[arg(long, env = "TASKMESH_SCHEDULER_ID")]
-    id: Option<String>,
+    pub(crate) id: Option<String>,
     /// Where `/healthz`, `/readyz` and `/metrics` listen (a free port on the same
     /// interface when taken). Not served when unset programmatically (`taskmesh dev`
     /// serves its own).
-    #[arg(long, env = "TASKMESH_HTTP_ADDR", default_value = "127.0.0.1:9090")]
-    http_addr: Option<SocketAddr>,
+    #[arg(long, env = "TASKMESH_HTTP_ADDR", default_value = "127.0.0.1:9091")]
+    pub(crate) http_addr: Option<SocketAddr>,
+    /// Where to publish the scheduler's metrics when another server serves them.
+    #[arg(skip)]
+    pub(crate) metrics_sink: Option<Arc<crate::http::LateMetrics>>,
 }
 
 /// The scheduler's counters on `/metrics`.
@@ -132,6 +135,9 @@ pub(crate) async fn run_scheduler(
     let scheduler = Scheduler::new(conn, &cfg, SchedulerOptions::new(id))
         .context("refusing to start the scheduler")?;
     let http_stop = CancellationToken::new();
+    if let Some(sink) = &args.metrics_sink {
+        sink.set(Arc::new(SchedulerMetricsSource(scheduler.metrics())));
+    }
     if let Some(addr) = args.http_addr {
         let probes = crate::http::Probes {
             conn: Some(state),

@@ -89,6 +89,16 @@ pub async fn connect(
                     async_nats::Event::LameDuckMode => {
                         tracing::warn!("NATS server entered lame duck mode");
                     }
+                    async_nats::Event::ServerError(e) => {
+                        // Permission violations land here: make them visible.
+                        tracing::warn!(error = %e, "NATS server error");
+                    }
+                    async_nats::Event::SlowConsumer(sid) => {
+                        tracing::warn!(
+                            subscription = sid,
+                            "slow consumer: messages dropped by the client"
+                        );
+                    }
                     other => tracing::debug!(event = %other, "NATS client event"),
                 }
             }

@@ -130,6 +130,30 @@ pub fn bucket_configs(cfg: &Config) -> Vec<kv::Config> {
             1,
             cfg.results.ttl,
         ),
+        base(
+            wire::EMAIL_LEDGER_BUCKET,
+            "taskmesh catalog: email.send delivery ledger",
+            1,
+            Duration::from_secs(7 * 24 * 3600),
+        ),
+        base(
+            wire::CALENDAR_BUCKET,
+            "taskmesh catalog: calendar events",
+            1,
+            Duration::ZERO,
+        ),
+        base(
+            wire::NOTION_BUCKET,
+            "taskmesh catalog: Notion pages",
+            1,
+            Duration::ZERO,
+        ),
+        base(
+            wire::CATALOG_STATE_BUCKET,
+            "taskmesh catalog: task state",
+            1,
+            Duration::ZERO,
+        ),
         kv::Config {
             // Per-key TTLs (each unique lock expires with its window).
             limit_markers: Some(Duration::from_secs(1)),
@@ -189,6 +213,24 @@ pub async fn provision(
             .map_err(|e| NatsError::js(format!("creating bucket {name}"), e))?;
         report.buckets.push(name);
     }
+    // The Object Store `file.sync_cloud_storage` writes to (workers may not create it).
+    if js.get_object_store(wire::FILES_OBJECT_STORE).await.is_err() {
+        js.create_object_store(jetstream::object_store::Config {
+            bucket: wire::FILES_OBJECT_STORE.into(),
+            description: Some("taskmesh catalog: file.sync_cloud_storage".into()),
+            storage: jetstream::stream::StorageType::File,
+            num_replicas: cfg.streams.replicas,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| {
+            NatsError::js(
+                format!("creating object store {}", wire::FILES_OBJECT_STORE),
+                e,
+            )
+        })?;
+    }
+    report.buckets.push(wire::FILES_OBJECT_STORE.into());
     Ok(report)
 }
 
@@ -197,7 +239,7 @@ pub async fn bucket(js: &jetstream::Context, name: &str) -> Result<kv::Store, Na
     js.get_key_value(name).await.map_err(|e| {
         if e.kind() == jetstream::context::KeyValueErrorKind::GetBucket {
             NatsError::NotProvisioned {
-                what: format!("bucket {name}"),
+                what: format!("bucket {name} (or this identity may not read it)"),
             }
         } else {
             NatsError::js(format!("opening bucket {name}"), e)
@@ -260,6 +302,10 @@ mod tests {
                 "TASKMESH_WORKERS",
                 "TASKMESH_LIMITS",
                 "TASKMESH_CANCELS",
+                "TASKMESH_EMAIL_LEDGER",
+                "TASKMESH_CALENDAR",
+                "TASKMESH_NOTION",
+                "TASKMESH_CATALOG_STATE",
                 "TASKMESH_UNIQUE"
             ]
         );

@@ -83,6 +83,16 @@ pub const LIMITS_BUCKET: &str = "TASKMESH_LIMITS";
 pub const CANCELS_BUCKET: &str = "TASKMESH_CANCELS";
 /// KV bucket of unique-task locks (key = uniqueness key, value = task id, per-key TTL).
 pub const UNIQUE_BUCKET: &str = "TASKMESH_UNIQUE";
+/// Catalog: KV bucket of `email.send`'s delivery ledger (key = task id).
+pub const EMAIL_LEDGER_BUCKET: &str = "TASKMESH_EMAIL_LEDGER";
+/// Catalog: KV bucket of synchronized calendar events.
+pub const CALENDAR_BUCKET: &str = "TASKMESH_CALENDAR";
+/// Catalog: KV bucket of synchronized Notion pages.
+pub const NOTION_BUCKET: &str = "TASKMESH_NOTION";
+/// Catalog: KV bucket of small task state (the health check's previous observation).
+pub const CATALOG_STATE_BUCKET: &str = "TASKMESH_CATALOG_STATE";
+/// Catalog: Object Store bucket `file.sync_cloud_storage` syncs into by default.
+pub const FILES_OBJECT_STORE: &str = "TASKMESH_FILES";
 
 /// `tasks.<category>.<name>` plus `.high` / `.low` for priority lanes.
 pub fn task_subject(task: &TaskName, lane: Lane) -> String {

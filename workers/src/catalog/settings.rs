@@ -107,7 +107,7 @@ pub const DEFAULT_AI_MODEL: &str = "gpt-4o-mini";
 /// The default Notion API base.
 pub const DEFAULT_NOTION_BASE_URL: &str = "https://api.notion.com";
 /// The default Object Store bucket of `file.sync_cloud_storage`.
-pub const DEFAULT_SYNC_BUCKET: &str = "TASKMESH_FILES";
+pub const DEFAULT_SYNC_BUCKET: &str = taskmesh_shared::wire::FILES_OBJECT_STORE;
 
 impl Settings {
     /// Every setting at its default, nothing configured.

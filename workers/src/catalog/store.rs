@@ -21,15 +21,15 @@ use taskmesh_nats::{Client, Connection, EnqueueOptions};
 use taskmesh_shared::{Config, TaskError, TaskId, TaskName};
 
 /// KV bucket of `email.send`'s delivery ledger.
-pub const EMAIL_LEDGER_BUCKET: &str = "TASKMESH_EMAIL_LEDGER";
+pub const EMAIL_LEDGER_BUCKET: &str = taskmesh_shared::wire::EMAIL_LEDGER_BUCKET;
 /// How long ledger entries are kept (longer than any retry sequence).
 pub const EMAIL_LEDGER_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 /// KV bucket of synchronized calendar events.
-pub const CALENDAR_BUCKET: &str = "TASKMESH_CALENDAR";
+pub const CALENDAR_BUCKET: &str = taskmesh_shared::wire::CALENDAR_BUCKET;
 /// KV bucket of synchronized Notion pages.
-pub const NOTION_BUCKET: &str = "TASKMESH_NOTION";
+pub const NOTION_BUCKET: &str = taskmesh_shared::wire::NOTION_BUCKET;
 /// KV bucket of small catalog state (the health check's previous observation).
-pub const CATALOG_STATE_BUCKET: &str = "TASKMESH_CATALOG_STATE";
+pub const CATALOG_STATE_BUCKET: &str = taskmesh_shared::wire::CATALOG_STATE_BUCKET;
 
 /// A NATS failure while a task runs: retryable (the broker may be back soon).
 pub fn nats_error(what: &str, e: impl std::fmt::Display) -> TaskError {
