@@ -23,6 +23,24 @@ pub struct RunningWorker {
     pub handle: JoinHandle<()>,
 }
 
+/// A message stored in `TASKS_DLQ`.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    /// `dlq.<category>.<name>`.
+    pub subject: String,
+    /// The original headers plus `Dlq-*`.
+    pub headers: async_nats::HeaderMap,
+    /// The original body.
+    pub payload: bytes::Bytes,
+}
+
+impl DeadLetter {
+    /// A header's value.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(|v| v.as_str())
+    }
+}
+
 /// A server, a provisioned config and a producer.
 pub struct InProcMesh {
     /// The server.
@@ -116,8 +134,8 @@ impl InProcMesh {
         .await
     }
 
-    /// The dead letters stored so far (subject, headers, body).
-    pub async fn dead_letters(&self) -> Vec<(String, async_nats::HeaderMap, bytes::Bytes)> {
+    /// The dead letters stored so far.
+    pub async fn dead_letters(&self) -> Vec<DeadLetter> {
         let js = &self.client.connection().js;
         let Ok(stream) = js.get_stream("TASKS_DLQ").await else {
             return Vec::new();
@@ -126,9 +144,29 @@ impl InProcMesh {
         let mut out = Vec::new();
         for seq in 1..=last {
             if let Ok(m) = stream.get_raw_message(seq).await {
-                out.push((m.subject.to_string(), m.headers.clone(), m.payload.clone()));
+                out.push(DeadLetter {
+                    subject: m.subject.to_string(),
+                    headers: m.headers.clone(),
+                    payload: m.payload.clone(),
+                });
             }
         }
         out
+    }
+
+    /// Waits for a dead letter on `subject`.
+    pub async fn dead_letter_for(&self, subject: &str) -> DeadLetter {
+        eventually(
+            Duration::from_secs(20),
+            &format!("a dead letter on {subject}"),
+            || async {
+                self.dead_letters()
+                    .await
+                    .into_iter()
+                    .find(|m| m.subject == subject)
+                    .ok_or_else(|| "none yet".to_string())
+            },
+        )
+        .await
     }
 }

@@ -66,9 +66,10 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+pub mod fault;
 pub mod inproc;
 pub mod mesh;
-pub use inproc::{InProcMesh, RunningWorker, one_category_config};
+pub use inproc::{DeadLetter, InProcMesh, RunningWorker, one_category_config};
 pub use mesh::{LedgerEntry, TestMesh, ledger_counts, read_ledger};
 
 use nix::sys::signal::{Signal, kill};

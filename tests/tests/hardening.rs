@@ -351,10 +351,10 @@ async fn soft_limits_signal_and_hard_limits_abort() {
     assert_eq!(rec.attempts, 2);
     assert_eq!(rec.error.unwrap().kind, "max_attempts");
     let dl = mesh.dead_letters().await;
-    assert!(dl.iter().any(|(s, h, _)| {
-        s == "dlq.h.stubborn"
-            && h.get("Dlq-Error")
-                .is_some_and(|v| v.as_str().contains("time limit"))
+    assert!(dl.iter().any(|d| {
+        d.subject == "dlq.h.stubborn"
+            && d.header("Dlq-Error")
+                .is_some_and(|v| v.contains("time limit"))
     }));
 }
 
@@ -544,11 +544,8 @@ async fn oversize_bodies_are_refused_by_the_client_and_dead_lettered_by_the_work
             .ok_or_else(|| "none".to_string())
     })
     .await;
-    assert_eq!(
-        dl.1.get("Dlq-Reason").map(|v| v.as_str()),
-        Some("undecodable")
-    );
-    assert!(dl.1.get("Dlq-Error").unwrap().as_str().contains("exceeds"));
+    assert_eq!(dl.header("Dlq-Reason"), Some("undecodable"));
+    assert!(dl.header("Dlq-Error").unwrap().contains("exceeds"));
     assert_eq!(*ran.lock().unwrap(), 0);
 }
 
@@ -645,12 +642,12 @@ async fn encrypted_bodies_run_and_tampered_or_replayed_ones_are_dead_lettered() 
         }
     })
     .await;
-    for (_, h, _) in &dls {
-        assert_eq!(h.get("Dlq-Reason").map(|v| v.as_str()), Some("undecodable"));
+    for d in &dls {
+        assert_eq!(d.header("Dlq-Reason"), Some("undecodable"));
     }
     let errors: Vec<String> = dls
         .iter()
-        .map(|(_, h, _)| h.get("Dlq-Error").unwrap().as_str().to_owned())
+        .map(|d| d.header("Dlq-Error").unwrap().to_owned())
         .collect();
     assert!(errors.iter().any(|e| e.contains("replayed")), "{errors:?}");
     assert!(

@@ -10,138 +10,54 @@ use std::time::Duration;
 use async_nats::jetstream;
 use bytes::Bytes;
 use futures::StreamExt;
-use taskmesh_nats::{Client, EnqueueOptions};
+use taskmesh_nats::EnqueueOptions;
 use taskmesh_shared::config::CategoryConfig;
-use taskmesh_shared::{
-    Category, Config, RetryPolicy, TaskError, TaskId, TaskName, TaskRecord, TaskState,
-};
-use taskmesh_tests::{NatsServer, eventually};
-use taskmesh_workers::{NoArgs, Registry, TaskContext, TaskPolicy, Worker, WorkerOptions};
+use taskmesh_shared::{RetryPolicy, TaskError, TaskId, TaskName, TaskRecord, TaskState};
+use taskmesh_tests::{DeadLetter, InProcMesh, eventually, one_category_config};
+use taskmesh_workers::{NoArgs, Registry, TaskContext, TaskPolicy};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// A server, a provisioned config with one category `t`, and a producer.
-struct Mesh {
-    server: NatsServer,
-    cfg: Arc<Config>,
-    client: Client,
+struct Mesh(InProcMesh);
+
+impl std::ops::Deref for Mesh {
+    type Target = InProcMesh;
+    fn deref(&self) -> &InProcMesh {
+        &self.0
+    }
 }
 
-fn config(url: &str, ack_wait: Duration) -> Config {
-    let mut cfg = Config {
-        seed_categories: false,
-        ..Config::default()
-    };
-    cfg.categories.clear();
-    cfg.categories.insert(
-        Category::new("t").unwrap(),
-        CategoryConfig {
+impl std::ops::DerefMut for Mesh {
+    fn deref_mut(&mut self) -> &mut InProcMesh {
+        &mut self.0
+    }
+}
+
+impl Mesh {
+    async fn start(ack_wait: Duration) -> Self {
+        let cat = CategoryConfig {
             concurrency: 8,
             ack_wait,
             max_deliver: 10,
             max_attempts: 3,
             ..CategoryConfig::default()
-        },
-    );
-    cfg.nats.url = url.to_owned();
-    cfg.worker.drain_grace = Duration::from_secs(2);
-    cfg.worker.heartbeat_interval = Duration::from_secs(1);
-    cfg
-}
-
-impl Mesh {
-    async fn start(ack_wait: Duration) -> Self {
-        let server = NatsServer::start().await;
-        let cfg = Arc::new(config(&server.url(), ack_wait));
-        let conn = taskmesh_nats::connect(&cfg.nats, "test", Duration::from_secs(5))
-            .await
-            .unwrap();
-        taskmesh_nats::provision(&conn.js, &cfg).await.unwrap();
-        let client = Client::new(conn, &cfg).await.unwrap();
-        Self {
-            server,
-            cfg,
-            client,
-        }
+        };
+        Self(InProcMesh::start(one_category_config("", "t", cat)).await)
     }
 
     async fn worker(&self, registry: Registry) -> (CancellationToken, JoinHandle<()>) {
-        let conn = taskmesh_nats::connect(&self.cfg.nats, "worker", Duration::from_secs(5))
-            .await
-            .unwrap();
-        let w = Worker::new(
-            conn,
-            self.cfg.clone(),
-            Arc::new(registry),
-            WorkerOptions::default(),
-        )
-        .await
-        .unwrap();
-        let stop = CancellationToken::new();
-        let s = stop.clone();
-        (stop, tokio::spawn(async move { w.run(s).await.unwrap() }))
+        let w = self.0.worker(registry).await;
+        (w.stop, w.handle)
     }
 
     fn js(&self) -> &jetstream::Context {
         &self.client.connection().js
     }
 
-    async fn record(&self, id: &TaskId) -> Option<TaskRecord> {
-        self.client.result(id).await.unwrap()
-    }
-
     async fn wait_state(&self, id: &TaskId, state: TaskState) -> TaskRecord {
-        eventually(
-            Duration::from_secs(20),
-            &format!("task {id} is {state:?}"),
-            || async {
-                match self.record(id).await {
-                    Some(r) if r.state == state => Ok(r),
-                    other => Err(format!("{other:?}")),
-                }
-            },
-        )
-        .await
-    }
-
-    /// The dead letters stored so far.
-    async fn dead_letters(&self) -> Vec<async_nats::Message> {
-        let stream = self.js().get_stream("TASKS_DLQ").await.unwrap();
-        let n = stream.get_info().await.unwrap().state.messages;
-        let mut out = Vec::new();
-        for seq in 1..=n + 64 {
-            if let Ok(m) = stream.get_raw_message(seq).await {
-                out.push(async_nats::Message {
-                    subject: m.subject.clone(),
-                    reply: None,
-                    payload: m.payload.clone(),
-                    headers: Some(m.headers.clone()),
-                    status: None,
-                    description: None,
-                    length: 0,
-                });
-            }
-            if out.len() as u64 >= n {
-                break;
-            }
-        }
-        out
-    }
-
-    async fn dead_letter_for(&self, subject: &str) -> async_nats::Message {
-        eventually(
-            Duration::from_secs(20),
-            &format!("a dead letter on {subject}"),
-            || async {
-                self.dead_letters()
-                    .await
-                    .into_iter()
-                    .find(|m| m.subject.as_str() == subject)
-                    .ok_or_else(|| "none yet".to_string())
-            },
-        )
-        .await
+        self.0.wait_state(id, state, Duration::from_secs(20)).await
     }
 }
 
@@ -149,8 +65,8 @@ fn name(s: &str) -> TaskName {
     TaskName::parse(s).unwrap()
 }
 
-fn header<'a>(m: &'a async_nats::Message, k: &str) -> Option<&'a str> {
-    m.headers.as_ref()?.get(k).map(|v| v.as_str())
+fn header<'a>(m: &'a DeadLetter, k: &str) -> Option<&'a str> {
+    m.header(k)
 }
 
 fn quick_retry(max_attempts: u32) -> TaskPolicy {
