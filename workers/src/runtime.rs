@@ -98,6 +98,11 @@ struct Inner {
     limits: tokio::sync::OnceCell<Limits>,
     /// Keyring for encrypted categories.
     keyring: Option<Arc<Keyring>>,
+    /// Every task runs under a read guard; a redelivery whose previous attempt never
+    /// settled (the worker died with it in flight) takes the write guard and runs alone,
+    /// so a task that crashes the process spends only its own attempts, not those of the
+    /// tasks that happened to run beside it.
+    isolation: tokio::sync::RwLock<()>,
 }
 
 #[derive(Default)]
@@ -222,6 +227,7 @@ impl Worker {
                 cancels: CancelState::default(),
                 limits: tokio::sync::OnceCell::new(),
                 keyring,
+                isolation: tokio::sync::RwLock::new(()),
             }),
             categories,
         })
@@ -718,6 +724,25 @@ fn header_attempts(d: &Delivery) -> Option<u32> {
         .filter(|n| *n > 0)
 }
 
+/// The isolation guard a task runs under (held, never read).
+#[allow(dead_code)]
+enum Isolation<'a> {
+    Shared(tokio::sync::RwLockReadGuard<'a, ()>),
+    Alone(tokio::sync::RwLockWriteGuard<'a, ()>),
+}
+
+/// Did a worker settle the attempt before this one (its record says `retrying` for the
+/// previous attempt)? Without result records every redelivery counts as unsettled.
+async fn previous_attempt_settled(inner: &Inner, task_id: &str, attempt: u32) -> bool {
+    let (Some(store), Ok(id)) = (&inner.results, taskmesh_shared::TaskId::new(task_id)) else {
+        return false;
+    };
+    matches!(
+        store.get(&id).await,
+        Ok(Some(r)) if r.state == TaskState::Retrying && r.attempts + 1 >= attempt
+    )
+}
+
 /// Releases a running task's cancel registration when its attempt ends.
 struct FinishGuard<'a>(&'a CancelState, &'a str);
 
@@ -1075,6 +1100,25 @@ async fn run_task(
                 }
             }
         }
+        // A redelivery nobody settled may be what killed the last worker: run it alone.
+        let suspect = attempt > 1 && !previous_attempt_settled(inner, &task_id, attempt).await;
+        let _isolation = if suspect {
+            tracing::warn!(task_id = %task_id, attempt, "previous attempt never settled (worker crash?): running it alone");
+            let write = inner.isolation.write();
+            tokio::pin!(write);
+            loop {
+                tokio::select! {
+                    g = &mut write => break Isolation::Alone(g),
+                    _ = progress.tick() => { let _ = d.progress().await; }
+                    _ = inner.abort.cancelled() => {
+                        let _ = d.release().await;
+                        return;
+                    }
+                }
+            }
+        } else {
+            Isolation::Shared(inner.isolation.read().await)
+        };
         inner.cancels.start(&task_id, cancel.clone());
         let _running = FinishGuard(&inner.cancels, &task_id);
         if inner.cancels.is_requested(&task_id) {
