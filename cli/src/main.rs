@@ -1,5 +1,8 @@
-//! `taskmesh`: the single binary — worker, provision, enqueue, dev, bench.
+//! `taskmesh`: the single binary — worker, provision, enqueue, dev, bench, admin verbs and
+//! the REST API with its dashboard.
 
+mod admin;
+mod api;
 mod bench;
 mod dev;
 mod http;
@@ -146,6 +149,62 @@ enum Cmd {
     Dev(dev::DevArgs),
     /// Benchmarks (see BENCHMARKS.md).
     Bench(bench::BenchArgs),
+    /// Queue depths, in-flight tasks, consumers and dead letters per category and lane;
+    /// live workers; schedules with their next fire.
+    Status {
+        /// Print JSON (schema in docs/operations.md).
+        #[arg(long)]
+        json: bool,
+    },
+    /// A task's result record and whether it is in the DLQ (exit 3: unknown task).
+    Inspect {
+        /// The task id.
+        id: TaskId,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Live workers (from their heartbeats).
+    Workers {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Dead letters: list, show, replay, purge.
+    #[command(subcommand)]
+    Dlq(admin::DlqCmd),
+    /// Pause a category: every lane's consumer stops delivering (JetStream consumer pause).
+    Pause {
+        /// The category.
+        category: Category,
+        /// Resume by itself after this long (`30m`); default: until `taskmesh resume`.
+        #[arg(long = "for")]
+        pause_for: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Resume a paused category.
+    Resume {
+        /// The category.
+        category: Category,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete every queued task of a category (asks for confirmation unless --yes).
+    Purge {
+        /// The category.
+        category: Category,
+        /// Do not ask (required without a terminal).
+        #[arg(long)]
+        yes: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The REST API and web dashboard (plus /healthz, /readyz, /metrics).
+    Api(api::ApiArgs),
 }
 
 impl Global {
@@ -363,6 +422,52 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Cmd::Dev(a) => dev::run(cli.global.load_config()?, a).await.map(|()| 0),
         Cmd::Bench(a) => bench::run(a, cli.global.nats_url.clone()).await.map(|()| 0),
+        Cmd::Status { json } => {
+            let cfg = cli.global.load_config()?;
+            let conn = connect(&cfg, "cli").await?;
+            admin::status(&cfg, &conn, json).await
+        }
+        Cmd::Inspect { id, json } => {
+            let cfg = cli.global.load_config()?;
+            let conn = connect(&cfg, "cli").await?;
+            admin::inspect(&conn, &id, json).await
+        }
+        Cmd::Workers { json } => {
+            let cfg = cli.global.load_config()?;
+            let conn = connect(&cfg, "cli").await?;
+            admin::workers(&conn, json).await
+        }
+        Cmd::Dlq(c) => {
+            let cfg = cli.global.load_config()?;
+            let conn = connect(&cfg, "cli").await?;
+            admin::dlq(&conn, c).await
+        }
+        Cmd::Pause {
+            category,
+            pause_for,
+            json,
+        } => {
+            let cfg = cli.global.load_config()?;
+            let conn = connect(&cfg, "cli").await?;
+            admin::pause(&cfg, &conn, &category, pause_for.as_deref(), false, json).await
+        }
+        Cmd::Resume { category, json } => {
+            let cfg = cli.global.load_config()?;
+            let conn = connect(&cfg, "cli").await?;
+            admin::pause(&cfg, &conn, &category, None, true, json).await
+        }
+        Cmd::Purge {
+            category,
+            yes,
+            json,
+        } => {
+            let cfg = cli.global.load_config()?;
+            let conn = connect(&cfg, "cli").await?;
+            admin::purge(&cfg, &conn, &category, yes, json).await
+        }
+        Cmd::Api(a) => api::run(cli.global.load_config()?, a, shutdown_on_signals())
+            .await
+            .map(|()| 0),
     }
 }
 
@@ -399,6 +504,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Scheduler(_) => ("scheduler", true),
         Cmd::Dev(_) => ("dev", true),
         Cmd::Bench(_) => ("bench", true),
+        Cmd::Api(_) => ("api", true),
         _ => ("cli", false),
     };
     let telemetry = rt.block_on(async { telemetry::init(service, long_running) });

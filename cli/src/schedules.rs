@@ -236,27 +236,38 @@ pub(crate) async fn schedules(cfg: Config, cmd: SchedulesCmd) -> anyhow::Result<
             Ok(0)
         }
         SchedulesCmd::Trigger { name } => {
-            let schedule = match statics.into_iter().find(|s| s.name() == name) {
-                Some(s) => s,
-                None => {
-                    let stored = dynamic
-                        .get(&name)
-                        .await?
-                        .ok_or_else(|| SchedulerError::NotFound(name.clone()))?;
-                    let def = stored.def.map_err(|reason| {
-                        anyhow::anyhow!(
-                            "schedule {name:?} is invalid ({reason}): fix it with `taskmesh schedules add --replace`"
-                        )
-                    })?;
-                    Schedule::compile(&def)?
-                }
-            };
-            let client = Client::new(conn, &cfg).await?;
-            let done = taskmesh_scheduler::trigger(&client, &schedule, &SystemClock).await?;
+            let done = trigger_by_name(&cfg, conn, &name).await?;
             println!("{}", done.id);
             Ok(0)
         }
     }
+}
+
+/// Fires schedule `name` (static or dynamic, even paused) now; returns the enqueued task.
+pub(crate) async fn trigger_by_name(
+    cfg: &Config,
+    conn: taskmesh_nats::Connection,
+    name: &str,
+) -> anyhow::Result<taskmesh_nats::Enqueued> {
+    let statics = static_schedules(cfg).context("the config file's schedules are invalid")?;
+    let schedule = match statics.into_iter().find(|s| s.name() == name) {
+        Some(s) => s,
+        None => {
+            let dynamic = DynamicSchedules::open(&conn.js).await?;
+            let stored = dynamic
+                .get(name)
+                .await?
+                .ok_or_else(|| SchedulerError::NotFound(name.to_owned()))?;
+            let def = stored.def.map_err(|reason| {
+                anyhow::anyhow!(
+                    "schedule {name:?} is invalid ({reason}): fix it with `taskmesh schedules add --replace`"
+                )
+            })?;
+            Schedule::compile(&def)?
+        }
+    };
+    let client = Client::new(conn, cfg).await?;
+    Ok(taskmesh_scheduler::trigger(&client, &schedule, &SystemClock).await?)
 }
 
 fn rfc3339(t: DateTime<Utc>) -> String {
@@ -274,11 +285,11 @@ fn trigger_text(def: &ScheduleDef) -> String {
 
 /// One row of `schedules list`.
 #[derive(Debug, Serialize)]
-struct Row {
-    name: String,
+pub(crate) struct Row {
+    pub(crate) name: String,
     /// `config`, `default` or `dynamic`.
     source: &'static str,
-    task: String,
+    pub(crate) task: String,
     cron: Option<String>,
     every: Option<String>,
     timezone: String,
@@ -287,23 +298,25 @@ struct Row {
     args: serde_json::Value,
     /// `enabled`, `paused`, `invalid` or `shadowed` (a dynamic schedule with a static
     /// schedule's name, ignored).
-    state: &'static str,
+    pub(crate) state: &'static str,
     error: Option<String>,
-    next_fire: Option<String>,
-    last_fired: Option<String>,
+    pub(crate) next_fire: Option<String>,
+    pub(crate) last_fired: Option<String>,
 }
 
+/// The scheduler replica holding the lease.
 #[derive(Debug, Serialize)]
-struct Leader {
-    holder: String,
+pub(crate) struct Leader {
+    pub(crate) holder: String,
     acquired_at: String,
     renewed_at: String,
 }
 
+/// `schedules list --json`.
 #[derive(Debug, Serialize)]
-struct Listing {
-    leader: Option<Leader>,
-    schedules: Vec<Row>,
+pub(crate) struct Listing {
+    pub(crate) leader: Option<Leader>,
+    pub(crate) schedules: Vec<Row>,
 }
 
 fn row(
@@ -334,6 +347,16 @@ fn row(
     }
 }
 
+/// Every schedule (static and dynamic) with its state and next fire, and the leader.
+pub(crate) async fn listing(
+    cfg: &Config,
+    conn: &taskmesh_nats::Connection,
+) -> anyhow::Result<Listing> {
+    let statics = static_schedules(cfg).context("the config file's schedules are invalid")?;
+    let dynamic = DynamicSchedules::open(&conn.js).await?;
+    build_listing(cfg, conn, &statics, &dynamic).await
+}
+
 async fn list(
     cfg: &Config,
     conn: &taskmesh_nats::Connection,
@@ -341,6 +364,16 @@ async fn list(
     dynamic: &DynamicSchedules,
     json: bool,
 ) -> anyhow::Result<()> {
+    let listing = build_listing(cfg, conn, statics, dynamic).await?;
+    print_listing(&listing, json)
+}
+
+async fn build_listing(
+    cfg: &Config,
+    conn: &taskmesh_nats::Connection,
+    statics: &[Schedule],
+    dynamic: &DynamicSchedules,
+) -> anyhow::Result<Listing> {
     let cursors = Cursors::open(&conn.js).await?.load_all().await?;
     let leader = taskmesh_scheduler::lease::current(&conn.js)
         .await?
@@ -394,10 +427,13 @@ async fn list(
             &b.name,
         ))
     });
-    let listing = Listing {
+    Ok(Listing {
         leader,
         schedules: rows,
-    };
+    })
+}
+
+fn print_listing(listing: &Listing, json: bool) -> anyhow::Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(&listing)?);
         return Ok(());

@@ -14,6 +14,7 @@
 //! - [`results`], [`heartbeats`], [`cancels`], [`limits`]: the result, worker, cancel and
 //!   shared rate-limit buckets.
 
+pub mod admin;
 pub mod cancels;
 pub mod connect;
 pub mod delivery;
