@@ -323,7 +323,11 @@ async fn heartbeat_loop(
 ) {
     let mut hbs: Option<Heartbeats> = None;
     let mut tick = tokio::time::interval(inner.cfg.worker.heartbeat_interval);
-    let host = std::env::var("HOSTNAME").unwrap_or_default();
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default();
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
