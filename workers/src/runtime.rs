@@ -728,6 +728,26 @@ fn header_attempts(d: &Delivery) -> Option<u32> {
         .filter(|n| *n > 0)
 }
 
+/// Hands an unfinished task back at shutdown. The record says `retrying` first, so the
+/// next worker knows this attempt was settled (released, not crashed) and does not isolate
+/// it.
+async fn release_at_shutdown(d: &Delivery, record: &mut TaskRecord, store: Option<&ResultStore>) {
+    record.state = TaskState::Retrying;
+    record.finished_at = Some(Utc::now());
+    record.error = Some(ErrorInfo {
+        kind: "released".into(),
+        message: "the worker shut down before the task finished; handed to another worker".into(),
+    });
+    if let Some(s) = store
+        && let Err(e) = s.put(record).await
+    {
+        tracing::debug!(error = %e, "cannot write released record");
+    }
+    if let Err(e) = d.release().await {
+        tracing::warn!(task_id = %record.id, error = %e, "cannot release task at shutdown");
+    }
+}
+
 /// The isolation guard a task runs under (held, never read).
 #[allow(dead_code)]
 enum Isolation<'a> {
@@ -1098,7 +1118,7 @@ async fn run_task(
                     _ = tokio::time::sleep_until(until) => break,
                     _ = progress.tick() => { let _ = d.progress().await; }
                     _ = inner.abort.cancelled() => {
-                        let _ = d.release().await;
+                        release_at_shutdown(&d, &mut record, store).await;
                         return;
                     }
                 }
@@ -1115,7 +1135,7 @@ async fn run_task(
                     g = &mut write => break Isolation::Alone(g),
                     _ = progress.tick() => { let _ = d.progress().await; }
                     _ = inner.abort.cancelled() => {
-                        let _ = d.release().await;
+                        release_at_shutdown(&d, &mut record, store).await;
                         return;
                     }
                 }
@@ -1193,9 +1213,7 @@ async fn run_task(
                     break 'run Outcome::TimedOut(hard.map(|h| h.0).unwrap_or_default());
                 }
                 _ = inner.abort.cancelled() => {
-                    if let Err(e) = d.release().await {
-                        tracing::warn!(task_id = %task_id, error = %e, "cannot release task at shutdown");
-                    }
+                    release_at_shutdown(&d, &mut record, store).await;
                     tracing::info!(task_id = %task_id, task = %task_name, "released unfinished task at shutdown");
                     return;
                 }
