@@ -25,6 +25,11 @@ fn venv_python() -> PathBuf {
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let root = workspace_root();
+    // Test processes run in parallel (nextest): one creates the venv, the others wait.
+    std::fs::create_dir_all(root.join(".tools")).expect("create .tools");
+    let lock_file = std::fs::File::create(root.join(".tools/venv.lock")).expect("venv lock file");
+    let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
+        .unwrap_or_else(|(_, e)| panic!("locking .tools/venv.lock: {e}"));
     let venv = root.join(".tools/venv");
     let python = venv.join("bin/python");
     let requirements = root.join("deploy/tools/requirements.txt");
