@@ -174,30 +174,35 @@ async fn not_found() -> ApiError {
     ApiError::NotFound("no such route: see /openapi.json".into())
 }
 
+/// A file compiled into the binary, served with its content type.
+fn asset(content_type: &'static str, body: &'static str) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, content_type)], body)
+}
+
 async fn dashboard() -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+    asset(
+        "text/html; charset=utf-8",
         include_str!("../../assets/index.html"),
     )
 }
 
 async fn app_js() -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+    asset(
+        "text/javascript; charset=utf-8",
         include_str!("../../assets/app.js"),
     )
 }
 
 async fn app_css() -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/css; charset=utf-8")],
+    asset(
+        "text/css; charset=utf-8",
         include_str!("../../assets/app.css"),
     )
 }
 
 async fn openapi() -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "application/json")],
+    asset(
+        "application/json",
         include_str!("../../assets/openapi.json"),
     )
 }

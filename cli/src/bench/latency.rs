@@ -10,14 +10,14 @@ use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use serde::Deserialize;
-use taskmesh_nats::async_nats::jetstream::{self, consumer, stream};
+use taskmesh_nats::async_nats::jetstream;
 use taskmesh_nats::{Client, EnqueueOptions};
 use taskmesh_shared::config::CategoryConfig;
 use taskmesh_shared::{Category, Config, TaskError, TaskName};
 use taskmesh_workers::{Registry, TaskPolicy, Worker, WorkerOptions};
 use tokio_util::sync::CancellationToken;
 
-use super::{Bench, BenchArgs, fastrand_u32, loadavg, quantile, r3};
+use super::{Bench, BenchArgs, loadavg, quantile, r3};
 
 /// The process-wide time origin the enqueue stamps are taken on (monotonic).
 fn base() -> Instant {
@@ -182,24 +182,7 @@ async fn wait_for(samples: &Samples, n: usize, what: &str) -> anyhow::Result<()>
 async fn raw(url: &str, n: usize, rate: f64, window: usize) -> anyhow::Result<Series> {
     let client = taskmesh_nats::async_nats::connect(url).await?;
     let js = jetstream::new(client);
-    let name = format!("BENCH_LAT_{}", fastrand_u32());
-    let s = js
-        .create_stream(stream::Config {
-            name: name.clone(),
-            subjects: vec![format!("bench.{name}.>")],
-            retention: stream::RetentionPolicy::WorkQueue,
-            storage: stream::StorageType::File,
-            ..Default::default()
-        })
-        .await?;
-    let c: consumer::PullConsumer = s
-        .create_consumer(consumer::pull::Config {
-            durable_name: Some("raw".into()),
-            ack_policy: consumer::AckPolicy::Explicit,
-            max_ack_pending: 20_000,
-            ..Default::default()
-        })
-        .await?;
+    let (name, c) = super::raw_stream(&js, "BENCH_LAT").await?;
     let samples: Samples = Arc::new(Mutex::new(Vec::with_capacity(n)));
     let stop = CancellationToken::new();
     let consume = {

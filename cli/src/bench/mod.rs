@@ -150,25 +150,7 @@ async fn raw(
 ) -> anyhow::Result<f64> {
     let client = taskmesh_nats::async_nats::connect(url).await?;
     let js = jetstream::new(client);
-    let name = format!("BENCH_RAW_{}", fastrand_u32());
-    let _ = js.delete_stream(&name).await;
-    let s = js
-        .create_stream(stream::Config {
-            name: name.clone(),
-            subjects: vec![format!("bench.{name}.>")],
-            retention: stream::RetentionPolicy::WorkQueue,
-            storage: stream::StorageType::File,
-            ..Default::default()
-        })
-        .await?;
-    let c: consumer::PullConsumer = s
-        .create_consumer(consumer::pull::Config {
-            durable_name: Some("raw".into()),
-            ack_policy: consumer::AckPolicy::Explicit,
-            max_ack_pending: 20_000,
-            ..Default::default()
-        })
-        .await?;
+    let (name, c) = raw_stream(&js, "BENCH_RAW").await?;
     let subject = format!("bench.{name}.noop");
     let body = Bytes::from_static(b"{}");
     if prefill {
@@ -499,4 +481,32 @@ pub(crate) async fn run(a: BenchArgs, external: Option<String>) -> anyhow::Resul
         }
     }
     Ok(())
+}
+
+/// A fresh WorkQueue stream `<prefix>_<n>` on `bench.<name>.>` with one durable pull
+/// consumer: the no-taskmesh baseline every raw series uses.
+pub(crate) async fn raw_stream(
+    js: &jetstream::Context,
+    prefix: &str,
+) -> anyhow::Result<(String, consumer::PullConsumer)> {
+    let name = format!("{prefix}_{}", fastrand_u32());
+    let _ = js.delete_stream(&name).await;
+    let s = js
+        .create_stream(stream::Config {
+            name: name.clone(),
+            subjects: vec![format!("bench.{name}.>")],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await?;
+    let c = s
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some("raw".into()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            max_ack_pending: 20_000,
+            ..Default::default()
+        })
+        .await?;
+    Ok((name, c))
 }
