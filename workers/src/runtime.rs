@@ -755,6 +755,25 @@ enum Isolation<'a> {
     Alone(tokio::sync::RwLockWriteGuard<'a, ()>),
 }
 
+/// `error.kind` of the record written when an unsettled redelivery starts running alone.
+const ISOLATED: &str = "isolated";
+
+/// Were this task's unsettled deliveries lost only beside others — it never crashed a
+/// worker while running alone? (No record, or a record that is neither an isolated run
+/// nor a settled retry.) Without result records it cannot tell and says no.
+async fn lost_only_as_bystander(inner: &Inner, task_id: &str) -> bool {
+    let (Some(store), Ok(id)) = (&inner.results, taskmesh_shared::TaskId::new(task_id)) else {
+        return false;
+    };
+    match store.get(&id).await {
+        Ok(Some(r)) => {
+            r.state == TaskState::Running && r.error.as_ref().is_none_or(|e| e.kind != ISOLATED)
+        }
+        Ok(None) => true,
+        Err(_) => false,
+    }
+}
+
 /// Did a worker settle the attempt before this one (its record says `retrying` for the
 /// previous attempt)? Without result records every redelivery counts as unsettled.
 async fn previous_attempt_settled(inner: &Inner, task_id: &str, attempt: u32) -> bool {
@@ -1031,8 +1050,10 @@ async fn run_task(
                 }
             }
         }
-        if attempt > max_attempts {
-            // Earlier deliveries never settled (the worker died or hung): stop the loop.
+        // Earlier deliveries never settled (the worker died or hung): stop the loop — but
+        // only for a task that crashed while running alone. A bystander whose deliveries
+        // were lost with a crashing neighbour gets its turn alone first.
+        if attempt > max_attempts && !lost_only_as_bystander(inner, &task_id).await {
             break 'run Outcome::Failed(TaskError::retryable(format!(
                 "delivered {attempt} times without completing (worker crashed or exceeded ack_wait)"
             )));
@@ -1132,7 +1153,17 @@ async fn run_task(
             tokio::pin!(write);
             loop {
                 tokio::select! {
-                    g = &mut write => break Isolation::Alone(g),
+                    g = &mut write => {
+                        // Mark the lone run: if the process dies now, this task is the cause.
+                        record.error = Some(ErrorInfo { kind: ISOLATED.into(), message: format!("running alone on attempt {attempt}") });
+                        if let Some(s) = store
+                            && let Err(e) = s.put(&record).await
+                        {
+                            tracing::debug!(error = %e, "cannot mark the isolated run");
+                        }
+                        record.error = None;
+                        break Isolation::Alone(g);
+                    }
                     _ = progress.tick() => { let _ = d.progress().await; }
                     _ = inner.abort.cancelled() => {
                         release_at_shutdown(&d, &mut record, store).await;
