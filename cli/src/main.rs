@@ -22,6 +22,12 @@ use taskmesh_shared::{Category, Config, Lane, TaskId, TaskName, TaskState};
 use taskmesh_workers::{Registry, Worker, WorkerOptions};
 use tokio_util::sync::CancellationToken;
 
+/// mimalloc instead of the system allocator: a task's state machine is several KiB and
+/// glibc's malloc spends a tenth of the worker's CPU consolidating and splitting chunks of
+/// that size (measured in BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// taskmesh: a NATS JetStream worker mesh for background tasks.
 #[derive(Debug, Parser)]
 #[command(name = "taskmesh", version, about, propagate_version = true)]

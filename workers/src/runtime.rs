@@ -57,6 +57,10 @@ use crate::stats::{CategoryStats, Stats};
 /// How often consumer backlogs are polled for metrics.
 const BACKLOG_POLL: Duration = Duration::from_secs(5);
 
+/// The policy of a task no handler is registered for (it is dead-lettered unrun).
+static DEFAULT_POLICY: std::sync::LazyLock<crate::registry::TaskPolicy> =
+    std::sync::LazyLock::new(crate::registry::TaskPolicy::default);
+
 /// How long a task runs before its `running` record is written.
 const RUNNING_RECORD_AFTER: Duration = Duration::from_millis(200);
 
@@ -107,18 +111,30 @@ struct Inner {
 
 #[derive(Default)]
 struct CancelState {
+    /// Set once any cancel request was seen: until then no task takes the lock to ask.
+    any: std::sync::atomic::AtomicBool,
     requested: std::sync::Mutex<HashSet<String>>,
     running: std::sync::Mutex<HashMap<String, CancellationToken>>,
 }
 
 impl CancelState {
     fn is_requested(&self, id: &str) -> bool {
+        if !self.any.load(Ordering::Acquire) {
+            return false;
+        }
         self.requested
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .contains(id)
     }
+    /// Remembers the request first, then fires a running task's token: a task that starts
+    /// in between registers after the request is visible and sees it in its own check.
     fn mark(&self, id: String) {
+        self.requested
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.clone());
+        self.any.store(true, Ordering::Release);
         if let Some(t) = self
             .running
             .lock()
@@ -127,10 +143,6 @@ impl CancelState {
         {
             t.cancel();
         }
-        self.requested
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id);
     }
     fn start(&self, id: &str, token: CancellationToken) {
         self.running
@@ -713,7 +725,9 @@ fn dispatch(
     let cat = cat.clone();
     cat.stats.in_flight.fetch_add(1, Ordering::Relaxed);
     tokio::spawn(async move {
-        process(&inner, &cat, msg).await;
+        // Boxed: the task's state machine is several KiB; spawned inline it would be
+        // copied into the task cell and again when the task completes.
+        Box::pin(process(&inner, &cat, msg)).await;
         cat.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
         drop(permit);
     });
@@ -731,21 +745,28 @@ fn header_attempts(d: &Delivery) -> Option<u32> {
 /// Hands an unfinished task back at shutdown. The record says `retrying` first, so the
 /// next worker knows this attempt was settled (released, not crashed) and does not isolate
 /// it.
-async fn release_at_shutdown(d: &Delivery, record: &mut TaskRecord, store: Option<&ResultStore>) {
-    record.state = TaskState::Retrying;
-    record.finished_at = Some(Utc::now());
-    record.error = Some(ErrorInfo {
-        kind: "released".into(),
-        message: "the worker shut down before the task finished; handed to another worker".into(),
-    });
-    if let Some(s) = store
-        && let Err(e) = s.put(record).await
-    {
-        tracing::debug!(error = %e, "cannot write released record");
+async fn release_at_shutdown(d: &Delivery, rec: Option<&mut Rec<'_>>, task_id: &str) {
+    if let Some(Rec { store, record }) = rec {
+        record.state = TaskState::Retrying;
+        record.finished_at = Some(Utc::now());
+        record.error = Some(ErrorInfo {
+            kind: "released".into(),
+            message: "the worker shut down before the task finished; handed to another worker"
+                .into(),
+        });
+        if let Err(e) = store.put(record).await {
+            tracing::debug!(error = %e, "cannot write released record");
+        }
     }
     if let Err(e) = d.release().await {
-        tracing::warn!(task_id = %record.id, error = %e, "cannot release task at shutdown");
+        tracing::warn!(task_id = %task_id, error = %e, "cannot release task at shutdown");
     }
+}
+
+/// A task's result record and the store it is written to (only when results are stored).
+struct Rec<'a> {
+    store: &'a ResultStore,
+    record: TaskRecord,
 }
 
 /// The isolation guard a task runs under (held, never read).
@@ -862,32 +883,32 @@ async fn defer(
     inner: &Inner,
     cat: &CategoryRt,
     d: &Delivery,
-    record: &mut TaskRecord,
-    store: Option<&ResultStore>,
+    rec: Option<&mut Rec<'_>>,
+    task_id: &str,
     dep: &str,
     until: DateTime<Utc>,
 ) {
-    record.state = TaskState::Retrying;
-    record.attempts = d.attempt().saturating_sub(1);
-    record.finished_at = Some(Utc::now());
-    record.error = Some(ErrorInfo {
-        kind: "breaker_open".into(),
-        message: format!(
-            "dependency {dep} is unavailable; deferred until {}",
-            until.to_rfc3339()
-        ),
-    });
     match d.defer(&inner.conn.js, &cat.name, until).await {
         Ok(()) => {
-            tracing::info!(task_id = %record.id, dependency = dep, until = %until, "breaker open: task deferred");
-            if let Some(s) = store
-                && let Err(e) = s.put(record).await
-            {
-                tracing::debug!(error = %e, "cannot write deferred record");
+            tracing::info!(task_id = %task_id, dependency = dep, until = %until, "breaker open: task deferred");
+            if let Some(Rec { store, record }) = rec {
+                record.state = TaskState::Retrying;
+                record.attempts = d.attempt().saturating_sub(1);
+                record.finished_at = Some(Utc::now());
+                record.error = Some(ErrorInfo {
+                    kind: "breaker_open".into(),
+                    message: format!(
+                        "dependency {dep} is unavailable; deferred until {}",
+                        until.to_rfc3339()
+                    ),
+                });
+                if let Err(e) = store.put(record).await {
+                    tracing::debug!(error = %e, "cannot write deferred record");
+                }
             }
         }
         Err(e) => {
-            tracing::warn!(task_id = %record.id, error = %e, "cannot defer; releasing for a later delivery");
+            tracing::warn!(task_id = %task_id, error = %e, "cannot defer; releasing for a later delivery");
             let _ = d.release().await;
         }
     }
@@ -921,7 +942,7 @@ async fn process(inner: &Arc<Inner>, cat: &Arc<CategoryRt>, msg: jetstream::Mess
     let registered = parsed
         .as_ref()
         .and_then(|p| inner.registry.get(p.task.as_str()));
-    let policy = registered.map(|r| r.policy.clone()).unwrap_or_default();
+    let policy = registered.map_or(&*DEFAULT_POLICY, |r| &r.policy);
     let max_attempts = header_attempts(&d)
         .or(policy.max_attempts)
         .unwrap_or(cat.cfg.max_attempts)
@@ -1001,33 +1022,39 @@ async fn run_task(
     task_name: String,
     parsed: Option<wire::ParsedSubject>,
     registered: Option<&crate::registry::Registered>,
-    policy: crate::registry::TaskPolicy,
+    policy: &crate::registry::TaskPolicy,
     max_attempts: u32,
     trace_id: Option<String>,
     span: tracing::Span,
 ) {
     let attempt = d.attempt();
-    let enqueued_at = d
-        .header(h::TASK_ENQUEUED_AT)
-        .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
-        .map(|t| t.to_utc())
-        .or(Some(d.meta().published));
     let started_at = Utc::now();
-    let store = inner.results.as_ref().filter(|_| policy.store_result);
-    let mut record = TaskRecord {
-        id: task_id.clone(),
-        task: task_name.clone(),
-        state: TaskState::Running,
-        attempts: attempt,
-        enqueued_at,
-        started_at: Some(started_at),
-        finished_at: None,
-        duration_ms: None,
-        worker: inner.id.to_string(),
-        result: None,
-        error: None,
-        trace_id: trace_id.clone(),
-    };
+    // The record exists only when it is stored: no per-task allocations for it otherwise.
+    let mut rec = inner
+        .results
+        .as_ref()
+        .filter(|_| policy.store_result)
+        .map(|store| Rec {
+            store,
+            record: TaskRecord {
+                id: task_id.clone(),
+                task: task_name.clone(),
+                state: TaskState::Running,
+                attempts: attempt,
+                enqueued_at: d
+                    .header(h::TASK_ENQUEUED_AT)
+                    .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
+                    .map(|t| t.to_utc())
+                    .or(Some(d.meta().published)),
+                started_at: Some(started_at),
+                finished_at: None,
+                duration_ms: None,
+                worker: inner.id.to_string(),
+                result: None,
+                error: None,
+                trace_id: trace_id.clone(),
+            },
+        });
 
     let clock = Instant::now();
     let outcome = 'run: {
@@ -1053,7 +1080,7 @@ async fn run_task(
         // Earlier deliveries never settled (the worker died or hung): stop the loop — but
         // only for a task that crashed while running alone. A bystander whose deliveries
         // were lost with a crashing neighbour gets its turn alone first.
-        if attempt > max_attempts && !lost_only_as_bystander(inner, &task_id).await {
+        if attempt > max_attempts && !Box::pin(lost_only_as_bystander(inner, &task_id)).await {
             break 'run Outcome::Failed(TaskError::retryable(format!(
                 "delivered {attempt} times without completing (worker crashed or exceeded ack_wait)"
             )));
@@ -1083,7 +1110,7 @@ async fn run_task(
             .iter()
             .any(|c| *c == cat.name);
         let plain: std::borrow::Cow<'_, [u8]> = if encrypted {
-            match open_body(inner, &d, &task_id).await {
+            match Box::pin(open_body(inner, &d, &task_id)).await {
                 Ok(p) => std::borrow::Cow::Owned(p),
                 Err(why) => break 'run Outcome::Undecodable(why),
             }
@@ -1100,7 +1127,7 @@ async fn run_task(
                     let jitter = Duration::from_millis(fastrand::u64(0..2000));
                     let until =
                         Utc::now() + chrono::Duration::from_std(wait + jitter).unwrap_or_default();
-                    defer(inner, cat, &d, &mut record, store, dep, until).await;
+                    Box::pin(defer(inner, cat, &d, rec.as_mut(), &task_id, dep, until)).await;
                     return;
                 }
             }
@@ -1120,11 +1147,14 @@ async fn run_task(
         let every = (cat.cfg.ack_wait / 3).max(Duration::from_millis(100));
         let mut progress = tokio::time::interval_at(Instant::now() + every, every);
         // Shared rate limits: wait for this task's slot (progress keeps the delivery alive).
-        for (key, rate) in rate_limits(inner, &policy, &parsed.task) {
-            let wait = match limiter(inner).await {
-                Ok(l) => l.reserve(&key, rate).await,
-                Err(e) => Err(e),
-            };
+        for (key, rate) in rate_limits(inner, policy, &parsed.task) {
+            let wait = Box::pin(async {
+                match limiter(inner).await {
+                    Ok(l) => l.reserve(&key, rate).await,
+                    Err(e) => Err(e),
+                }
+            })
+            .await;
             let wait = match wait {
                 Ok(w) => w,
                 Err(e) => {
@@ -1137,16 +1167,17 @@ async fn run_task(
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep_until(until) => break,
-                    _ = progress.tick() => { let _ = d.progress().await; }
+                    _ = progress.tick() => { let _ = Box::pin(d.progress()).await; }
                     _ = inner.abort.cancelled() => {
-                        release_at_shutdown(&d, &mut record, store).await;
+                        Box::pin(release_at_shutdown(&d, rec.as_mut(), &task_id)).await;
                         return;
                     }
                 }
             }
         }
         // A redelivery nobody settled may be what killed the last worker: run it alone.
-        let suspect = attempt > 1 && !previous_attempt_settled(inner, &task_id, attempt).await;
+        let suspect =
+            attempt > 1 && !Box::pin(previous_attempt_settled(inner, &task_id, attempt)).await;
         let _isolation = if suspect {
             tracing::warn!(task_id = %task_id, attempt, "previous attempt never settled (worker crash?): running it alone");
             let write = inner.isolation.write();
@@ -1155,18 +1186,18 @@ async fn run_task(
                 tokio::select! {
                     g = &mut write => {
                         // Mark the lone run: if the process dies now, this task is the cause.
-                        record.error = Some(ErrorInfo { kind: ISOLATED.into(), message: format!("running alone on attempt {attempt}") });
-                        if let Some(s) = store
-                            && let Err(e) = s.put(&record).await
-                        {
-                            tracing::debug!(error = %e, "cannot mark the isolated run");
+                        if let Some(r) = rec.as_mut() {
+                            r.record.error = Some(ErrorInfo { kind: ISOLATED.into(), message: format!("running alone on attempt {attempt}") });
+                            if let Err(e) = Box::pin(r.store.put(&r.record)).await {
+                                tracing::debug!(error = %e, "cannot mark the isolated run");
+                            }
+                            r.record.error = None;
                         }
-                        record.error = None;
                         break Isolation::Alone(g);
                     }
-                    _ = progress.tick() => { let _ = d.progress().await; }
+                    _ = progress.tick() => { let _ = Box::pin(d.progress()).await; }
                     _ = inner.abort.cancelled() => {
-                        release_at_shutdown(&d, &mut record, store).await;
+                        Box::pin(release_at_shutdown(&d, rec.as_mut(), &task_id)).await;
                         return;
                     }
                 }
@@ -1193,7 +1224,8 @@ async fn run_task(
         let hard = policy.timeout.map(|t| (t, Instant::now() + t));
         // A `running` record is written only for tasks still running after a moment:
         // fast tasks cost one result write, not two.
-        let running_at = store
+        let running_at = rec
+            .as_ref()
             .filter(|_| inner.cfg.results.record_running)
             .map(|_| Instant::now() + RUNNING_RECORD_AFTER);
         let mut running_written = false;
@@ -1225,14 +1257,14 @@ async fn run_task(
                 }
                 _ = sleep_until_opt(running_at), if running_at.is_some() && !running_written => {
                     running_written = true;
-                    if let Some(store) = store
-                        && let Err(e) = store.put(&record).await
+                    if let Some(r) = &rec
+                        && let Err(e) = Box::pin(r.store.put(&r.record)).await
                     {
                         tracing::warn!(task_id = %task_id, error = %e, "cannot write running record");
                     }
                 }
                 _ = progress.tick() => {
-                    if let Err(e) = d.progress().await {
+                    if let Err(e) = Box::pin(d.progress()).await {
                         tracing::debug!(task_id = %task_id, error = %e, "progress not sent");
                     }
                 }
@@ -1244,7 +1276,7 @@ async fn run_task(
                     break 'run Outcome::TimedOut(hard.map(|h| h.0).unwrap_or_default());
                 }
                 _ = inner.abort.cancelled() => {
-                    release_at_shutdown(&d, &mut record, store).await;
+                    Box::pin(release_at_shutdown(&d, rec.as_mut(), &task_id)).await;
                     tracing::info!(task_id = %task_id, task = %task_name, "released unfinished task at shutdown");
                     return;
                 }
@@ -1271,27 +1303,33 @@ async fn run_task(
         .stats
         .record(&metric_task, outcome.kind(), elapsed.as_secs_f64());
 
-    record.finished_at = Some(Utc::now());
-    record.duration_ms = Some(u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX));
-    record.state = match &decision {
-        Decision::Ack => TaskState::Succeeded,
-        Decision::Cancel => TaskState::Cancelled,
-        Decision::Retry { .. } => TaskState::Retrying,
-        Decision::DeadLetter { .. } => TaskState::Dead,
+    let error = match &outcome {
+        Outcome::Succeeded(_) => None,
+        other => Some(other.error_message().unwrap_or_default()),
     };
-    match outcome {
-        Outcome::Succeeded(v) => record.result = Some(v),
-        ref other => {
-            let kind = match &decision {
-                Decision::DeadLetter { reason, .. } if reason.as_str() == "max_attempts" => {
-                    "max_attempts"
-                }
-                _ => other.kind(),
-            };
-            record.error = Some(ErrorInfo {
-                kind: kind.to_owned(),
-                message: other.error_message().unwrap_or_default(),
-            });
+    if let Some(Rec { record, .. }) = rec.as_mut() {
+        record.finished_at = Some(Utc::now());
+        record.duration_ms = Some(u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX));
+        record.state = match &decision {
+            Decision::Ack => TaskState::Succeeded,
+            Decision::Cancel => TaskState::Cancelled,
+            Decision::Retry { .. } => TaskState::Retrying,
+            Decision::DeadLetter { .. } => TaskState::Dead,
+        };
+        match (outcome, &error) {
+            (Outcome::Succeeded(v), _) => record.result = Some(v),
+            (other, message) => {
+                let kind = match &decision {
+                    Decision::DeadLetter { reason, .. } if reason.as_str() == "max_attempts" => {
+                        "max_attempts"
+                    }
+                    _ => other.kind(),
+                };
+                record.error = Some(ErrorInfo {
+                    kind: kind.to_owned(),
+                    message: message.clone().unwrap_or_default(),
+                });
+            }
         }
     }
     match &decision {
@@ -1301,14 +1339,14 @@ async fn run_task(
         }
         Decision::Retry { delay } => tracing::warn!(
             task_id = %task_id, task = %task_name, attempt, max_attempts, retry_in = ?delay,
-            error = record.error.as_ref().map(|e| e.message.as_str()).unwrap_or(""), "task failed; will retry"),
+            error = error.as_deref().unwrap_or(""), "task failed; will retry"),
         Decision::DeadLetter { reason, error } => tracing::error!(
             task_id = %task_id, task = %task_name, attempt, reason = reason.as_str(), error = %error,
             "task dead-lettered"),
     }
     let write_record = async {
-        if let Some(store) = store
-            && let Err(e) = store.put(&record).await
+        if let Some(r) = &rec
+            && let Err(e) = Box::pin(r.store.put(&r.record)).await
         {
             tracing::warn!(task_id = %task_id, error = %e, "cannot write result record");
         }
@@ -1316,7 +1354,7 @@ async fn run_task(
     let double_ack = inner.cfg.worker.double_ack;
     if matches!(decision, Decision::DeadLetter { .. }) {
         // The record says `dead` only once the dead letter is stored.
-        match d.settle(&inner.conn.js, &decision, double_ack).await {
+        match Box::pin(d.settle(&inner.conn.js, &decision, double_ack)).await {
             Ok(()) => write_record.await,
             Err(e) => {
                 tracing::error!(task_id = %task_id, error = %e, "dead-lettering failed; the task will be redelivered")
@@ -1324,7 +1362,7 @@ async fn run_task(
         }
     } else {
         write_record.await;
-        if let Err(e) = d.settle(&inner.conn.js, &decision, double_ack).await {
+        if let Err(e) = Box::pin(d.settle(&inner.conn.js, &decision, double_ack)).await {
             tracing::warn!(task_id = %task_id, error = %e, "settling the delivery failed; it will be redelivered after ack_wait");
         }
     }
