@@ -135,6 +135,11 @@ impl LocalServer {
         Ok(Self { child, url })
     }
 
+    /// The server's process id (while it runs).
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// Stops the server (SIGTERM, then SIGKILL after 5 s) and waits for it.
     pub(crate) async fn stop(mut self) {
         if let Some(pid) = self.child.id() {

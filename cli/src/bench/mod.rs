@@ -75,10 +75,16 @@ pub(crate) struct BenchArgs {
     #[arg(long)]
     prefill: bool,
     /// `raw` for profiling: add taskmesh's publish headers (`all`: `Nats-Msg-Id`, `Task-Id`,
-    /// `Task-Enqueued-At`; `noid`: without `Nats-Msg-Id`), to price them on the server.
+    /// `Task-Enqueued-At`; `noid`: without `Nats-Msg-Id`; `msgid`: `Nats-Msg-Id` only), to
+    /// price them on the server.
     #[arg(long, hide = true)]
     raw_headers: Option<String>,
-    /// `e2e` for profiling: run only one series (`raw`, `off` or `on`).
+    /// `raw` for profiling: write one KV record (the size of a task's result record) per
+    /// message before acking it, as `e2e` with results on does, to price result writes.
+    #[arg(long, hide = true)]
+    raw_kv: bool,
+    /// `e2e` for profiling: run only one series (`raw`, `off` or `on`), or `ceilings` (the
+    /// three raw series).
     #[arg(long, hide = true)]
     only: Option<String>,
     /// How long `scheduler` runs, in seconds (the first 2 s of slots are warm-up).
@@ -125,6 +131,17 @@ impl Bench {
             dir,
         })
     }
+    /// CPU seconds used so far by this process and by the server it started.
+    pub(super) fn cpu(&self) -> Cpu {
+        Cpu {
+            own: proc_cpu_seconds("self"),
+            server: self
+                .server
+                .as_ref()
+                .and_then(LocalServer::pid)
+                .and_then(|pid| proc_cpu_seconds(&pid.to_string())),
+        }
+    }
     pub(super) async fn stop(self) {
         if let Some(s) = self.server {
             s.stop().await;
@@ -147,10 +164,27 @@ async fn raw(
     window: usize,
     prefill: bool,
     headers: Option<&str>,
+    with_kv: bool,
 ) -> anyhow::Result<f64> {
     let client = taskmesh_nats::async_nats::connect(url).await?;
     let js = jetstream::new(client);
     let (name, c) = raw_stream(&js, "BENCH_RAW").await?;
+    let kv = if with_kv {
+        let bucket = format!("BENCH_KV_{}", fastrand_u32());
+        js.create_key_value(jetstream::kv::Config {
+            bucket: bucket.clone(),
+            history: 1,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await?;
+        Some(bucket)
+    } else {
+        None
+    };
+    // Its own context: a context's in-flight PubAck limit is shared, and the consumer's
+    // unpolled record PubAcks must not starve the publisher (or themselves).
+    let kv_js = jetstream::new(js.client());
     let subject = format!("bench.{name}.noop");
     let body = Bytes::from_static(b"{}");
     if prefill {
@@ -159,6 +193,9 @@ async fn raw(
     let start = Instant::now();
     let consume = tokio::spawn(async move {
         let mut got = 0usize;
+        // With `--raw-kv`: a record per message, acked once the record is stored.
+        let record = Bytes::from(vec![b'x'; 320]);
+        let mut puts = FuturesUnordered::new();
         while got < n {
             let mut b = c
                 .fetch()
@@ -169,13 +206,31 @@ async fn raw(
             let mut any = false;
             while let Some(m) = b.next().await {
                 let m = m.map_err(|e| anyhow::anyhow!(e))?;
-                m.ack().await.map_err(|e| anyhow::anyhow!(e))?;
                 got += 1;
                 any = true;
+                let Some(bucket) = &kv else {
+                    m.ack().await.map_err(|e| anyhow::anyhow!(e))?;
+                    continue;
+                };
+                while puts.len() >= 2048 {
+                    if let Some(r) = puts.next().await {
+                        let _: () = r?;
+                    }
+                }
+                let put = kv_js
+                    .publish(format!("$KV.{bucket}.k{got}"), record.clone())
+                    .await?;
+                puts.push(async move {
+                    put.await?;
+                    m.ack().await.map_err(|e| anyhow::anyhow!(e))
+                });
             }
             if !any {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
+        }
+        while let Some(r) = puts.next().await {
+            r?;
         }
         anyhow::Ok(())
     });
@@ -218,16 +273,18 @@ async fn publish_raw_h(
             }
             let id = format!("{salt:08x}-{i:024x}");
             let mut h = taskmesh_nats::async_nats::HeaderMap::new();
-            if mode == "all" {
+            if mode != "noid" {
                 h.insert("Nats-Msg-Id", id.as_str());
             }
-            h.insert("Task-Id", id.as_str());
-            h.insert(
-                "Task-Enqueued-At",
-                chrono::Utc::now()
-                    .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
-                    .as_str(),
-            );
+            if mode != "msgid" {
+                h.insert("Task-Id", id.as_str());
+                h.insert(
+                    "Task-Enqueued-At",
+                    chrono::Utc::now()
+                        .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+                        .as_str(),
+                );
+            }
             acks.push(
                 js.publish_with_headers(subject.to_owned(), h, body.clone())
                     .await?
@@ -380,9 +437,16 @@ pub(crate) async fn run(a: BenchArgs, external: Option<String>) -> anyhow::Resul
         Workload::Raw => {
             let n = a.n.unwrap_or(100_000);
             let b = Bench::start(&external, a.sync_always).await?;
-            let r = raw(&b.url, n, window, a.prefill, a.raw_headers.as_deref())
-                .await
-                .context("raw benchmark");
+            let r = raw(
+                &b.url,
+                n,
+                window,
+                a.prefill,
+                a.raw_headers.as_deref(),
+                a.raw_kv,
+            )
+            .await
+            .context("raw benchmark");
             b.stop().await;
             let r = r?;
             if a.json {
@@ -401,67 +465,44 @@ pub(crate) async fn run(a: BenchArgs, external: Option<String>) -> anyhow::Resul
         }
         Workload::E2e => {
             let n = a.n.unwrap_or(100_000);
-            let mut rows = Vec::new();
             let only = a.only.as_deref();
-            let raw_rate = if matches!(only, None | Some("raw")) {
+            let mut rows: Vec<Row> = Vec::new();
+            for series in Series::ALL {
+                if !series.selected(only) {
+                    continue;
+                }
                 let b = Bench::start(&external, a.sync_always).await?;
-                let r = raw(&b.url, n, window, a.prefill, a.raw_headers.as_deref())
-                    .await
-                    .context("raw benchmark");
+                let before = b.cpu();
+                let r = match series {
+                    Series::Raw => raw(&b.url, n, window, a.prefill, None, false).await,
+                    Series::RawContract => {
+                        raw(&b.url, n, window, a.prefill, Some("all"), false).await
+                    }
+                    Series::RawContractKv => {
+                        raw(&b.url, n, window, a.prefill, Some("all"), true).await
+                    }
+                    Series::Off | Series::On => {
+                        e2e(
+                            &b.url,
+                            n,
+                            a.concurrency,
+                            window,
+                            series == Series::On,
+                            a.prefill,
+                        )
+                        .await
+                    }
+                }
+                .with_context(|| format!("e2e benchmark, series {}", series.key()));
+                let cpu = b.cpu().since(&before, n);
                 b.stop().await;
-                r?
-            } else {
-                f64::NAN
-            };
-            let modes: &[bool] = match only {
-                None => &[false, true],
-                Some("off") => &[false],
-                Some("on") => &[true],
-                _ => &[],
-            };
-            for &results in modes {
-                let b = Bench::start(&external, a.sync_always).await?;
-                let r = e2e(&b.url, n, a.concurrency, window, results, a.prefill)
-                    .await
-                    .context("e2e benchmark");
-                b.stop().await;
-                rows.push((results, r?));
-            }
-            let mode = |on: bool| if on { "results_on" } else { "results_off" };
-            if a.json {
-                let mut obj = serde_json::json!({
-                    "workload": "e2e", "n": n, "concurrency": a.concurrency,
-                    "sync_always": a.sync_always, "raw_msgs_per_sec": raw_rate.round(),
-                    "prefill": a.prefill, "loadavg": load_before,
+                rows.push(Row {
+                    series,
+                    rate: r?,
+                    cpu,
                 });
-                for (on, r) in &rows {
-                    obj[mode(*on)] = serde_json::json!({
-                        "tasks_per_sec": r.round(),
-                        "raw_msgs_per_sec": raw_rate.round(),
-                        "ratio_to_raw": r3(r / raw_rate),
-                    });
-                }
-                if let Some((_, off)) = rows.iter().find(|(on, _)| !on) {
-                    obj["tasks_per_sec"] = serde_json::json!(off.round());
-                    obj["ratio_to_raw"] = serde_json::json!(r3(off / raw_rate));
-                }
-                println!("{}", serde_json::to_string_pretty(&obj)?);
-            } else {
-                println!("{:<16} {:>12} {:>10}", "workload", "per second", "vs raw");
-                println!("{:<16} {:>12.0} {:>10}", "raw", raw_rate, "1.00");
-                for (on, r) in &rows {
-                    println!(
-                        "{:<16} {:>12.0} {:>10.2}",
-                        format!("e2e {}", mode(*on)),
-                        r,
-                        r / raw_rate
-                    );
-                }
-                println!(
-                    "(n = {n}, concurrency = {}, prefill = {}, sync_always = {}, load average {load_before})",
-                    a.concurrency, a.prefill, a.sync_always
-                );
             }
+            print_e2e(&a, n, &rows, &load_before)?;
         }
         Workload::Latency => {
             let n =
@@ -479,6 +520,163 @@ pub(crate) async fn run(a: BenchArgs, external: Option<String>) -> anyhow::Resul
             let rep = sched::run(&external, &a, n).await?;
             rep.print(a.json)?;
         }
+    }
+    Ok(())
+}
+
+/// CPU seconds (user + system) of a process, from `/proc/<pid>/stat` (`None` elsewhere).
+fn proc_cpu_seconds(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let mut f = rest.split_whitespace().skip(11);
+    let utime: f64 = f.next()?.parse().ok()?;
+    let stime: f64 = f.next()?.parse().ok()?;
+    // Linux reports these in USER_HZ, which is 100 on every architecture it runs on.
+    Some((utime + stime) / 100.0)
+}
+
+/// CPU used so far by the bench process and by its nats-server.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Cpu {
+    own: Option<f64>,
+    server: Option<f64>,
+}
+
+/// CPU microseconds per message of one series.
+#[derive(Debug, Clone, Copy, Default)]
+struct CpuPerMsg {
+    /// The bench process: publisher plus consumer (raw) or client plus worker (e2e).
+    client: Option<f64>,
+    /// nats-server (only when the bench started it).
+    server: Option<f64>,
+}
+
+impl Cpu {
+    fn since(&self, before: &Cpu, n: usize) -> CpuPerMsg {
+        let per = |a: Option<f64>, b: Option<f64>| {
+            Some(((a? - b?) * 1e6 / n.max(1) as f64 * 10.0).round() / 10.0)
+        };
+        CpuPerMsg {
+            client: per(self.own, before.own),
+            server: per(self.server, before.server),
+        }
+    }
+}
+
+/// One series of the `e2e` workload, in the order they run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Series {
+    /// async-nats only: the limit.
+    Raw,
+    /// raw, but every message carries the wire contract's publish headers (`Nats-Msg-Id`,
+    /// `Task-Id`, `Task-Enqueued-At`): the most taskmesh could reach with results off.
+    RawContract,
+    /// taskmesh, results off.
+    Off,
+    /// RawContract plus one KV record per message, stored before the ack: the most
+    /// taskmesh could reach with results on.
+    RawContractKv,
+    /// taskmesh, results on.
+    On,
+}
+
+impl Series {
+    const ALL: [Series; 5] = [
+        Series::Raw,
+        Series::RawContract,
+        Series::Off,
+        Series::RawContractKv,
+        Series::On,
+    ];
+    fn key(self) -> &'static str {
+        match self {
+            Series::Raw => "raw",
+            Series::RawContract => "raw_contract",
+            Series::Off => "results_off",
+            Series::RawContractKv => "raw_contract_kv",
+            Series::On => "results_on",
+        }
+    }
+    /// `--only raw|off|on` runs one series; `--only ceilings` the three raw ones.
+    fn selected(self, only: Option<&str>) -> bool {
+        match only {
+            None => true,
+            Some("raw") => self == Series::Raw,
+            Some("off") => self == Series::Off,
+            Some("on") => self == Series::On,
+            Some("ceilings") => matches!(
+                self,
+                Series::Raw | Series::RawContract | Series::RawContractKv
+            ),
+            Some(_) => false,
+        }
+    }
+}
+
+/// A measured series.
+struct Row {
+    series: Series,
+    rate: f64,
+    cpu: CpuPerMsg,
+}
+
+fn print_e2e(a: &BenchArgs, n: usize, rows: &[Row], load: &str) -> anyhow::Result<()> {
+    let rate = |s: Series| rows.iter().find(|r| r.series == s).map(|r| r.rate);
+    let raw_rate = rate(Series::Raw).unwrap_or(f64::NAN);
+    let ceiling = |s: Series| match s {
+        Series::Off => rate(Series::RawContract),
+        Series::On => rate(Series::RawContractKv),
+        _ => None,
+    };
+    if a.json {
+        let mut obj = serde_json::json!({
+            "workload": "e2e", "n": n, "concurrency": a.concurrency,
+            "sync_always": a.sync_always, "raw_msgs_per_sec": raw_rate.round(),
+            "prefill": a.prefill, "loadavg": load,
+        });
+        for r in rows {
+            let mut o = serde_json::json!({
+                "tasks_per_sec": r.rate.round(),
+                "raw_msgs_per_sec": raw_rate.round(),
+                "ratio_to_raw": r3(r.rate / raw_rate),
+                "cpu_us_per_task": {"client": r.cpu.client, "nats_server": r.cpu.server},
+            });
+            if let Some(c) = ceiling(r.series) {
+                o["ceiling_msgs_per_sec"] = serde_json::json!(c.round());
+                o["ceiling_ratio_to_raw"] = serde_json::json!(r3(c / raw_rate));
+                o["ratio_to_ceiling"] = serde_json::json!(r3(r.rate / c));
+            }
+            obj[r.series.key()] = o;
+        }
+        if let Some(off) = rate(Series::Off) {
+            obj["tasks_per_sec"] = serde_json::json!(off.round());
+            obj["ratio_to_raw"] = serde_json::json!(r3(off / raw_rate));
+        }
+        println!("{}", serde_json::to_string_pretty(&obj)?);
+    } else {
+        let us = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.1}"));
+        println!(
+            "{:<18} {:>11} {:>8} {:>14} {:>14}",
+            "series", "per second", "vs raw", "client µs/msg", "server µs/msg"
+        );
+        for r in rows {
+            println!(
+                "{:<18} {:>11.0} {:>8.2} {:>14} {:>14}",
+                r.series.key(),
+                r.rate,
+                r.rate / raw_rate,
+                us(r.cpu.client),
+                us(r.cpu.server)
+            );
+        }
+        println!(
+            "(n = {n}, concurrency = {}, prefill = {}, sync_always = {}, load average {load})",
+            a.concurrency, a.prefill, a.sync_always
+        );
+        println!(
+            "raw_contract = raw + the wire contract's publish headers; raw_contract_kv = that + one KV record per message: the ceilings of results_off and results_on"
+        );
     }
     Ok(())
 }
