@@ -565,3 +565,97 @@ async fn worker_heartbeats_are_visible_and_removed_on_drain() {
     assert!(hb.list().await.unwrap().is_empty());
     let _ = futures::stream::empty::<()>().next().await;
 }
+
+/// Idle lanes long-poll wide (slots reserved) while slots are plentiful and narrow when
+/// they are not: a trickle on an idle worker, then a burst far beyond its slots, then a
+/// trickle while it is saturated. Every task runs exactly once and never more than
+/// `concurrency` at a time.
+#[tokio::test]
+async fn wide_long_polls_never_exceed_concurrency_and_lose_nothing() {
+    const CONCURRENCY: usize = 64;
+    let cat = CategoryConfig {
+        concurrency: CONCURRENCY,
+        ack_wait: Duration::from_secs(30),
+        ..CategoryConfig::default()
+    };
+    let mesh = InProcMesh::start(one_category_config("", "t", cat)).await;
+    let running = Arc::new(AtomicU32::new(0));
+    let peak = Arc::new(AtomicU32::new(0));
+    let ran = Arc::new(Mutex::new(Vec::<String>::new()));
+    let mut r = Registry::new();
+    {
+        let (running, peak, ran) = (running.clone(), peak.clone(), ran.clone());
+        r.register(
+            "t.hold",
+            TaskPolicy::default(),
+            move |ctx: TaskContext, _a: NoArgs| {
+                let (running, peak, ran) = (running.clone(), peak.clone(), ran.clone());
+                async move {
+                    let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                    peak.fetch_max(now, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(150)).await;
+                    running.fetch_sub(1, Ordering::SeqCst);
+                    ran.lock().unwrap().push(ctx.id.clone());
+                    Ok::<_, TaskError>(())
+                }
+            },
+        )
+        .unwrap();
+    }
+    let w = mesh.worker(r).await;
+    let task = name("t.hold");
+    let send = |n: usize| {
+        let client = mesh.client.clone();
+        let task = task.clone();
+        async move {
+            let items = (0..n).map(|_| {
+                (
+                    task.clone(),
+                    Bytes::from_static(b"{}"),
+                    EnqueueOptions::default(),
+                )
+            });
+            for r in client.enqueue_batch(items).await {
+                r.unwrap();
+            }
+        }
+    };
+    // Trickle onto an idle worker (wide polls), burst (busy fetches), trickle while busy.
+    for _ in 0..20 {
+        send(1).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    send(400).await;
+    for _ in 0..20 {
+        send(1).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let total = 440;
+    eventually(Duration::from_secs(30), "all tasks ran", || {
+        let n = ran.lock().unwrap().len();
+        async move {
+            if n >= total {
+                Ok(())
+            } else {
+                Err(format!("{n} of {total} ran"))
+            }
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ran = ran.lock().unwrap().clone();
+    let unique: std::collections::HashSet<&String> = ran.iter().collect();
+    assert_eq!(ran.len(), total, "a task ran twice or was lost");
+    assert_eq!(unique.len(), total);
+    let peak = peak.load(Ordering::SeqCst) as usize;
+    assert!(
+        peak <= CONCURRENCY,
+        "{peak} tasks ran at once with concurrency {CONCURRENCY}"
+    );
+    assert!(
+        peak > CONCURRENCY / 2,
+        "the burst never filled the slots (peak {peak})"
+    );
+    w.stop.cancel();
+    let _ = w.handle.await;
+}

@@ -6,10 +6,14 @@
 //! normal, `low`). A lane that has shown messages is *busy*: the loop fetches it without
 //! waiting (`no_wait`) for as many messages as there are free slots, highest lane first,
 //! so it never holds more work than it can start. A lane that came back short is *idle*:
-//! it gets one long-poll of a single message (bounded by `worker.pull_expires`); a message
-//! that arrives there waits for the next free slot, ahead of lower lanes, and the lane
-//! turns busy again. Every eighth round the low lane is served before the normal lane, so
-//! low-priority work still progresses under sustained normal load.
+//! it gets one long-poll (bounded by `worker.pull_expires`). While slots are plentiful the
+//! poll is *wide*: it asks for up to an eighth of the free slots (at most 64) and reserves
+//! them, so each message that arrives starts at once and a steady trickle costs no pull
+//! round trip per task; a wide poll that fills up turns the lane busy. While slots are
+//! scarce it asks for a single message without reserving a slot: that message waits for
+//! the next free slot, ahead of lower lanes, and the lane turns busy again. Every eighth
+//! round the low lane is served before the normal lane, so low-priority work still
+//! progresses under sustained normal load.
 //!
 //! ## Processing
 //! decode metadata → deadline → attempt budget → handler lookup → argument decode → run
@@ -447,7 +451,7 @@ async fn backlog_loop(inner: Arc<Inner>, cats: Vec<Arc<CategoryRt>>, stop: Cance
     }
 }
 
-type Poll1 = Pin<
+type LongPoll = Pin<
     Box<dyn Stream<Item = Result<jetstream::Message, taskmesh_nats::async_nats::Error>> + Send>,
 >;
 
@@ -455,7 +459,13 @@ struct LaneRt {
     lane: Lane,
     consumer: Option<PullConsumer>,
     busy: bool,
-    idle_poll: Option<Poll1>,
+    idle_poll: Option<LongPoll>,
+    /// Slots reserved for the long-poll's messages (a wide poll only): each arriving
+    /// message takes one and starts at once; the rest return when the poll ends.
+    idle_slots: Option<OwnedSemaphorePermit>,
+    /// Messages the long-poll asked for, and how many came.
+    idle_want: usize,
+    idle_got: usize,
     waiting: VecDeque<jetstream::Message>,
     retry_at: Instant,
     failures: u32,
@@ -468,6 +478,9 @@ impl LaneRt {
             consumer: None,
             busy: true,
             idle_poll: None,
+            idle_slots: None,
+            idle_want: 0,
+            idle_got: 0,
             waiting: VecDeque::new(),
             retry_at: Instant::now(),
             failures: 0,
@@ -478,6 +491,18 @@ impl LaneRt {
         let ms = (50u64 << self.failures.min(6)).min(2_000);
         self.retry_at = Instant::now() + Duration::from_millis(ms);
     }
+}
+
+/// The widest idle long-poll, in messages.
+const WIDE_POLL_MAX: usize = 64;
+
+/// How many messages an idle lane's long-poll asks for with `free` slots: one (and no slot
+/// reserved) while slots are scarce, else up to an eighth of the free slots, reserved for
+/// it — so messages arriving on an idle worker start at once, with no pull round trip or
+/// new long-poll between them, and a poll never brings more than its slots.
+fn idle_poll_width(free: usize, max_batch: usize) -> usize {
+    let wide = (free / 8).min(max_batch).min(WIDE_POLL_MAX);
+    if wide >= 2 { wide } else { 1 }
 }
 
 /// Lane order for a round: high first; every eighth round low before normal.
@@ -571,7 +596,7 @@ async fn category_loop(inner: Arc<Inner>, cat: Arc<CategoryRt>, shutdown: Cancel
         }
         round = round.wrapping_add(1);
 
-        // Idle lanes: one long-poll of a single message each.
+        // Idle lanes: one long-poll each, wide (slots reserved) while slots are plentiful.
         for l in lanes.iter_mut() {
             if l.busy
                 || l.idle_poll.is_some()
@@ -583,14 +608,28 @@ async fn category_loop(inner: Arc<Inner>, cat: Arc<CategoryRt>, shutdown: Cancel
             let Some(consumer) = &l.consumer else {
                 continue;
             };
+            let mut want = idle_poll_width(cat.slots.available_permits(), max_batch);
+            let slots = if want > 1 {
+                cat.slots.clone().try_acquire_many_owned(want as u32).ok()
+            } else {
+                None
+            };
+            if slots.is_none() {
+                want = 1;
+            }
             match consumer
                 .batch()
-                .max_messages(1)
+                .max_messages(want)
                 .expires(inner.cfg.worker.pull_expires)
                 .messages()
                 .await
             {
-                Ok(b) => l.idle_poll = Some(Box::pin(b)),
+                Ok(b) => {
+                    l.idle_poll = Some(Box::pin(b));
+                    l.idle_slots = slots;
+                    l.idle_want = want;
+                    l.idle_got = 0;
+                }
                 Err(e) => {
                     tracing::warn!(category = %cat.name, lane = l.lane.as_str(), error = %e, "long-poll failed; backing off");
                     l.back_off();
@@ -613,15 +652,30 @@ async fn category_loop(inner: Arc<Inner>, cat: Arc<CategoryRt>, shutdown: Cancel
                 let l = &mut lanes[i];
                 match item {
                     Some(Ok(m)) => {
-                        l.waiting.push_back(m);
-                        l.busy = true;
+                        l.idle_got += 1;
+                        match l.idle_slots.as_mut().and_then(|s| s.split(1)) {
+                            // A wide poll: its slot is reserved, start now.
+                            Some(slot) => dispatch(&inner, &cat, m, slot),
+                            None => {
+                                l.waiting.push_back(m);
+                                l.busy = true;
+                            }
+                        }
                     }
                     Some(Err(e)) => {
                         tracing::debug!(category = %cat.name, lane = l.lane.as_str(), error = %e, "long-poll ended with an error");
                         l.idle_poll = None;
+                        l.idle_slots = None;
                         l.back_off();
                     }
-                    None => l.idle_poll = None,
+                    None => {
+                        l.idle_poll = None;
+                        l.idle_slots = None;
+                        // A wide poll that filled up: there is a backlog, fetch it.
+                        if l.idle_want > 1 && l.idle_got >= l.idle_want {
+                            l.busy = true;
+                        }
+                    }
                 }
             }
             p = cat.slots.clone().acquire_owned(), if need_slot => {
