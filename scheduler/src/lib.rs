@@ -13,8 +13,10 @@
 //! - [`lease`]: the leader lease in `TASKMESH_LEASES` — create, compare-and-set renewals,
 //!   a trust window on the monotonic clock, resignation on shutdown. A state machine over
 //!   the [`LeaseStore`](lease::LeaseStore) trait, tested with paused tokio time.
-//! - [`runner`]: the [`Scheduler`] loop — a min-heap of next fires, pipelined publishes,
-//!   cursor advance after each PubAck, catch-up on takeover, live dynamic schedules.
+//! - [`runner`]: the [`Scheduler`] loop — a min-heap of next fires, pipelined publishes
+//!   (`scheduler.publish_ahead` before the slot, as message schedules the server releases
+//!   at the slot), cursor advance after each PubAck, catch-up on takeover, live dynamic
+//!   schedules.
 //! - [`cursor`]: per-schedule cursors in `TASKMESH_SCHEDULER` (a compare-and-set "max"
 //!   register: cursors never move back).
 //! - [`dynamic`]: the `TASKMESH_SCHEDULES` bucket (list, add, remove, pause, resume).

@@ -394,6 +394,17 @@ pub struct SchedulerConfig {
     /// the schedule's `catch_up` instead of firing each one. At least 1s. If unsure: 10s.
     #[serde(with = "duration")]
     pub max_fire_lag: Duration,
+    /// How long before its slot a regular fire is published, as a JetStream message
+    /// schedule (`Nats-Schedule: @at <slot>` on `delayed.<category>.<task id>`) that the
+    /// server releases onto the task subject at the slot, so the leader's publishes (and
+    /// its own stalls) are off the critical path. A fire is committed when its message
+    /// schedule is stored: pausing or removing a dynamic schedule, or losing the leader,
+    /// in the last `publish_ahead` before a slot does not stop that one fire (it still runs
+    /// exactly once). Not a whole number of seconds: slots are whole seconds, so the
+    /// publishes for one slot would land on the server's release of another. `0s` publishes
+    /// each fire at its slot; otherwise 300ms to 1m. If unsure: 700ms.
+    #[serde(with = "duration")]
+    pub publish_ahead: Duration,
 }
 
 impl Default for SchedulerConfig {
@@ -402,6 +413,7 @@ impl Default for SchedulerConfig {
             default_schedules: true,
             lease_ttl: Duration::from_secs(5),
             max_fire_lag: Duration::from_secs(10),
+            publish_ahead: Duration::from_millis(700),
         }
     }
 }
@@ -732,6 +744,20 @@ mod tests {
         }
         let e = Config::from_toml_str("[limits]\nsmtp = \"ten/s\"").unwrap_err();
         assert!(e.to_string().contains("limits.smtp"), "{e}");
+    }
+
+    #[test]
+    fn scheduler_publish_ahead() {
+        let c = Config::from_toml_str("").unwrap();
+        assert_eq!(c.scheduler.publish_ahead, Duration::from_millis(700));
+        let c = Config::from_toml_str("[scheduler]\npublish_ahead = \"1s 500ms\"").unwrap();
+        assert_eq!(c.scheduler.publish_ahead, Duration::from_millis(1500));
+        let c = Config::from_toml_str("[scheduler]\npublish_ahead = 0").unwrap();
+        assert_eq!(c.scheduler.publish_ahead, Duration::ZERO);
+        let c = Config::from_toml_str("[scheduler]\npublish_ahead = \"0s\"").unwrap();
+        assert_eq!(c.scheduler.publish_ahead, Duration::ZERO);
+        let text = toml::to_string(&c.scheduler).unwrap();
+        assert!(text.contains("publish_ahead = \"0s\""), "{text}");
     }
 
     #[test]

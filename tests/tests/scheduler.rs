@@ -8,6 +8,12 @@
 //!
 //! Time: the scenarios are timelines ("kill at 20 s"), so they wait for instants with
 //! [`at`]; waiting for a *condition* always goes through `eventually`.
+//!
+//! The schedulers run with the default `publish_ahead = 700ms`: a fire goes out about
+//! 0.7 s before its slot as a message schedule on `delayed.testkit.<task id>` and the
+//! server stores it on `tasks.testkit.sleep` at the slot. Only the latter counts as a fire
+//! here ([`Setup::fires`]); [`Setup::wait_released`] waits until the committed fires of a
+//! stopped or paused schedule have been released.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -120,18 +126,50 @@ impl Setup {
         )
     }
 
-    /// Every scheduled fire in the testkit stream.
+    /// Every scheduled fire stored on a task subject of the testkit stream (a fire
+    /// published ahead and not released yet, on `delayed.testkit.<task id>`, is not one).
     async fn fires(&self) -> Vec<Fire> {
+        self.scan().await.0
+    }
+
+    /// Fires published ahead of their slot that the server has not released yet.
+    async fn pending(&self) -> usize {
+        self.scan().await.1
+    }
+
+    /// Waits until every fire published ahead has been released onto its task subject
+    /// (`publish_ahead` after the last publish, at most).
+    async fn wait_released(&self) {
+        eventually(
+            Duration::from_secs(5),
+            "fires published ahead released",
+            || async {
+                match self.pending().await {
+                    0 => Ok(()),
+                    n => Err(format!("{n} pending")),
+                }
+            },
+        )
+        .await;
+    }
+
+    /// (fires on task subjects, pending message schedules).
+    async fn scan(&self) -> (Vec<Fire>, usize) {
         let mut stream = self.js.get_stream(STREAM).await.unwrap();
         let state = stream.info().await.unwrap().state.clone();
         let mut out = Vec::new();
+        let mut pending = 0;
         if state.messages == 0 {
-            return out;
+            return (out, pending);
         }
         for seq in state.first_sequence..=state.last_sequence {
             let Ok(m) = stream.get_raw_message(seq).await else {
                 continue;
             };
+            if m.subject.starts_with("delayed.") {
+                pending += 1;
+                continue;
+            }
             let h = |name: &str| m.headers.get(name).map(|v| v.as_str().to_owned());
             let (Some(schedule), Some(slot), Some(task_id)) =
                 (h("Task-Schedule"), h("Task-Fire-Time"), h("Task-Id"))
@@ -147,7 +185,7 @@ impl Setup {
                 ),
             });
         }
-        out
+        (out, pending)
     }
 
     /// Fires grouped by schedule.
@@ -225,6 +263,16 @@ fn assert_exactly_once(name: &str, fires: &[Fire]) -> (DateTime<Utc>, DateTime<U
         .collect();
     assert!(missing.is_empty(), "{name}: slots never fired: {missing:?}");
     (first, last)
+}
+
+/// The newest slot among regular (not manual) fires.
+fn newest_slot(fires: &[Fire]) -> DateTime<Utc> {
+    fires
+        .iter()
+        .filter(|f| !f.task_id.contains("_manual_"))
+        .map(|f| f.slot)
+        .max()
+        .expect("a regular fire")
 }
 
 fn count_in_logs(procs: &[&TaskmeshProcess], needle: &str) -> usize {
@@ -401,6 +449,9 @@ async fn catch_up_after_an_outage_follows_each_policy() {
             .is_some_and(|s| s.success())
     );
     let down = Instant::now();
+    // The fire the first scheduler committed ahead is released at its slot during the
+    // outage; its slot is the stored cursor.
+    setup.wait_released().await;
     let before = setup.fires_by_schedule().await;
     let cursor = |name: &str| before[name].iter().map(|f| f.slot).max().unwrap();
 
@@ -607,14 +658,24 @@ async fn dynamic_schedules_change_live_through_the_cli() {
     )
     .await;
 
-    // Pause stops it, resume starts it again.
+    // Pause stops it, resume starts it again. A fire already committed ahead of its slot
+    // (at most one: publish_ahead < the 1 s interval) is still released.
     let (ok, out) = setup.cli(&["schedules", "pause", "dyn"]).await;
     assert!(ok, "{out}");
     sched
         .wait_for_log("dynamic schedule paused", Duration::from_secs(5))
         .await;
+    let paused_wall = Utc::now();
+    at(Instant::now(), 1.1).await;
+    setup.wait_released().await;
     let paused_at = Instant::now();
-    let n_paused = count(&setup.fires_by_schedule().await);
+    let by = setup.fires_by_schedule().await;
+    let n_paused = count(&by);
+    let newest = newest_slot(&by["dyn"]);
+    assert!(
+        newest <= paused_wall + TimeDelta::seconds(1),
+        "paused: nothing after the committed fire (newest slot {newest}, paused by {paused_wall})"
+    );
     at(paused_at, 2.5).await;
     assert_eq!(
         count(&setup.fires_by_schedule().await),
@@ -651,8 +712,17 @@ async fn dynamic_schedules_change_live_through_the_cli() {
     sched
         .wait_for_log("dynamic schedule removed", Duration::from_secs(5))
         .await;
+    let removed_wall = Utc::now();
+    at(Instant::now(), 1.1).await;
+    setup.wait_released().await;
     let removed_at = Instant::now();
-    let n_removed = count(&setup.fires_by_schedule().await);
+    let by = setup.fires_by_schedule().await;
+    let n_removed = count(&by);
+    let newest = newest_slot(&by["dyn"]);
+    assert!(
+        newest <= removed_wall + TimeDelta::seconds(1),
+        "removed: nothing after the committed fire (newest slot {newest}, removed by {removed_wall})"
+    );
     at(removed_at, 2.5).await;
     assert_eq!(
         count(&setup.fires_by_schedule().await),
