@@ -9,9 +9,11 @@
 //! it gets one long-poll (bounded by `worker.pull_expires`). While slots are plentiful the
 //! poll is *wide*: it asks for up to an eighth of the free slots (at most 64) and reserves
 //! them, so each message that arrives starts at once and a steady trickle costs no pull
-//! round trip per task; a wide poll that fills up turns the lane busy. While slots are
-//! scarce it asks for a single message without reserving a slot: that message waits for
-//! the next free slot, ahead of lower lanes, and the lane turns busy again. Every eighth
+//! round trip per task; a wide poll that fills up turns the lane busy. A wide poll expires
+//! after 200 ms, and none is issued while another lane is busy, so reserved slots return
+//! quickly to a lane with a backlog. While slots are scarce or another lane is busy it
+//! asks for a single message without reserving a slot: that message waits for the next
+//! free slot, ahead of lower lanes, and the lane turns busy again. Every eighth
 //! round the low lane is served before the normal lane, so low-priority work still
 //! progresses under sustained normal load.
 //!
@@ -496,13 +498,22 @@ impl LaneRt {
 /// The widest idle long-poll, in messages.
 const WIDE_POLL_MAX: usize = 64;
 
+/// How long a wide long-poll holds its reserved slots at most: when another lane turns busy
+/// meanwhile, they are back in the pool this soon (the next poll is narrow).
+const WIDE_POLL_EXPIRES: Duration = Duration::from_millis(200);
+
 /// How many messages an idle lane's long-poll asks for with `free` slots: one (and no slot
-/// reserved) while slots are scarce, else up to an eighth of the free slots, reserved for
-/// it — so messages arriving on an idle worker start at once, with no pull round trip or
-/// new long-poll between them, and a poll never brings more than its slots.
-fn idle_poll_width(free: usize, max_batch: usize) -> usize {
+/// reserved) while slots are scarce or another lane is busy, else up to an eighth of the
+/// free slots, reserved for it — so messages arriving on an idle worker start at once,
+/// with no pull round trip or new long-poll between them, and a poll never brings more
+/// than its slots.
+fn idle_poll_width(free: usize, max_batch: usize, other_lane_busy: bool) -> usize {
     let wide = (free / 8).min(max_batch).min(WIDE_POLL_MAX);
-    if wide >= 2 { wide } else { 1 }
+    if wide >= 2 && !other_lane_busy {
+        wide
+    } else {
+        1
+    }
 }
 
 /// Lane order for a round: high first; every eighth round low before normal.
@@ -596,7 +607,9 @@ async fn category_loop(inner: Arc<Inner>, cat: Arc<CategoryRt>, shutdown: Cancel
         }
         round = round.wrapping_add(1);
 
-        // Idle lanes: one long-poll each, wide (slots reserved) while slots are plentiful.
+        // Idle lanes: one long-poll each, wide (slots reserved) while slots are plentiful
+        // and no lane is busy.
+        let any_busy = lanes.iter().any(|l| l.busy || !l.waiting.is_empty());
         for l in lanes.iter_mut() {
             if l.busy
                 || l.idle_poll.is_some()
@@ -608,7 +621,7 @@ async fn category_loop(inner: Arc<Inner>, cat: Arc<CategoryRt>, shutdown: Cancel
             let Some(consumer) = &l.consumer else {
                 continue;
             };
-            let mut want = idle_poll_width(cat.slots.available_permits(), max_batch);
+            let mut want = idle_poll_width(cat.slots.available_permits(), max_batch, any_busy);
             let slots = if want > 1 {
                 cat.slots.clone().try_acquire_many_owned(want as u32).ok()
             } else {
@@ -617,10 +630,15 @@ async fn category_loop(inner: Arc<Inner>, cat: Arc<CategoryRt>, shutdown: Cancel
             if slots.is_none() {
                 want = 1;
             }
+            let expires = if want > 1 {
+                WIDE_POLL_EXPIRES.min(inner.cfg.worker.pull_expires)
+            } else {
+                inner.cfg.worker.pull_expires
+            };
             match consumer
                 .batch()
                 .max_messages(want)
-                .expires(inner.cfg.worker.pull_expires)
+                .expires(expires)
                 .messages()
                 .await
             {
