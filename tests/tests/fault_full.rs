@@ -292,8 +292,9 @@ async fn a_worker_frozen_past_ack_wait_is_redelivered_once() {
     a.sigstop();
     let frozen_ms = now_ms();
     let _b = fx.worker();
-    // Redelivered to B within ack_wait + 3 s.
-    eventually(Duration::from_secs(15), "B took over all 8", || async {
+    // B takes over all 8. Their first attempts never settled, so each runs alone (crash
+    // isolation): one after another, 1.5 s each.
+    eventually(Duration::from_secs(30), "B took over all 8", || async {
         let n = fx
             .ledger()
             .iter()
@@ -306,10 +307,35 @@ async fn a_worker_frozen_past_ack_wait_is_redelivered_once() {
         }
     })
     .await;
+    let retried: Vec<_> = fx.ledger().into_iter().filter(|e| e.attempt == 2).collect();
+    let first = retried
+        .iter()
+        .filter(|e| e.event == "start")
+        .map(|e| e.at_ms)
+        .min()
+        .unwrap();
+    // The first redelivery starts within ack_wait + 3 s of the freeze.
     assert!(
-        now_ms() - frozen_ms <= 2_000 + 3_000 + 1_500,
-        "redelivery too late"
+        first - frozen_ms <= 2_000 + 3_000,
+        "redelivery too late: {} ms after the freeze",
+        first - frozen_ms
     );
+    // Each suspect ran alone: no second attempt started while another was running.
+    let mut spans: Vec<(i64, i64)> = retried
+        .iter()
+        .filter(|e| e.event == "start")
+        .filter_map(|s| {
+            let done = retried.iter().find(|d| d.event == "done" && d.id == s.id)?;
+            Some((s.at_ms, done.at_ms))
+        })
+        .collect();
+    spans.sort();
+    for w in spans.windows(2) {
+        assert!(
+            w[1].0 >= w[0].1,
+            "two unsettled redeliveries overlapped: {spans:?}"
+        );
+    }
     tokio::time::sleep(Duration::from_secs(3)).await; // A stays frozen a while longer
     a.sigcont();
     let took = checker
