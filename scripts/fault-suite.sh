@@ -3,7 +3,7 @@
 # leader, a whole-cluster bounce, a frozen worker, network faults through a TCP proxy and
 # hostile input — plus the PR tier. Writes target/fault-report.md.
 #
-#   scripts/fault-suite.sh              # everything (under 40 minutes on 2 cores)
+#   scripts/fault-suite.sh              # everything (about 2.5 minutes on 2 cores; budget 40)
 #   scripts/fault-suite.sh leader       # only tests whose name contains "leader"
 set -uo pipefail
 cd "$(dirname -- "${BASH_SOURCE[0]}")/.."
