@@ -1129,6 +1129,12 @@ async fn run_task(
         });
 
     let clock = Instant::now();
+    // Held until the outcome is settled, not just computed: a task running alone is alone
+    // until its ack or dead letter is out, so a neighbour that crashes the process cannot
+    // strand it half-settled behind an "isolated" marker (found by the fault suite: a
+    // permanent failure was dead-lettered as `max_attempts` when an aborting poison took
+    // the lock between its outcome and its dead letter).
+    let mut _isolation: Option<Isolation<'_>> = None;
     let outcome = 'run: {
         let Some(parsed) = parsed else {
             break 'run Outcome::UnknownTask(format!(
@@ -1250,7 +1256,7 @@ async fn run_task(
         // A redelivery nobody settled may be what killed the last worker: run it alone.
         let suspect =
             attempt > 1 && !Box::pin(previous_attempt_settled(inner, &task_id, attempt)).await;
-        let _isolation = if suspect {
+        _isolation = Some(if suspect {
             tracing::warn!(task_id = %task_id, attempt, "previous attempt never settled (worker crash?): running it alone");
             let write = inner.isolation.write();
             tokio::pin!(write);
@@ -1276,7 +1282,7 @@ async fn run_task(
             }
         } else {
             Isolation::Shared(inner.isolation.read().await)
-        };
+        });
         inner.cancels.start(&task_id, cancel.clone());
         let _running = FinishGuard(&inner.cancels, &task_id);
         if inner.cancels.is_requested(&task_id) {
