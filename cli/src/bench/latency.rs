@@ -12,8 +12,7 @@ use futures::{FutureExt, StreamExt};
 use serde::Deserialize;
 use taskmesh_nats::async_nats::jetstream;
 use taskmesh_nats::{Client, EnqueueOptions};
-use taskmesh_shared::config::CategoryConfig;
-use taskmesh_shared::{Category, Config, TaskError, TaskName};
+use taskmesh_shared::{TaskError, TaskName};
 use taskmesh_workers::{Registry, TaskPolicy, Worker, WorkerOptions};
 use tokio_util::sync::CancellationToken;
 
@@ -244,26 +243,7 @@ async fn taskmesh(
     concurrency: usize,
     window: usize,
 ) -> anyhow::Result<Series> {
-    let mut cfg = Config {
-        seed_categories: false,
-        ..Config::default()
-    };
-    cfg.categories.clear();
-    cfg.scheduler.default_schedules = false;
-    let cat: Category = "bench".parse()?;
-    cfg.categories.insert(
-        cat,
-        CategoryConfig {
-            concurrency,
-            max_ack_pending: 20_000,
-            ..CategoryConfig::default()
-        },
-    );
-    cfg.nats.url = url.to_owned();
-    cfg.results.enabled = false;
-    let cfg = Arc::new(cfg);
-    let conn = taskmesh_nats::connect(&cfg.nats, "bench", Duration::from_secs(5)).await?;
-    taskmesh_nats::provision(&conn.js, &cfg).await?;
+    let (cfg, conn) = super::bench_category(url, concurrency, false).await?;
     let samples: Samples = Arc::new(Mutex::new(Vec::with_capacity(n)));
     let mut reg = Registry::new();
     {

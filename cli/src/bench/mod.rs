@@ -21,7 +21,7 @@ use futures::stream::FuturesUnordered;
 use taskmesh_nats::async_nats::jetstream::{self, consumer, stream};
 use taskmesh_nats::{Client, EnqueueOptions};
 use taskmesh_shared::config::CategoryConfig;
-use taskmesh_shared::{Category, Config, TaskError, TaskName};
+use taskmesh_shared::{Config, TaskError, TaskName};
 use taskmesh_workers::{NoArgs, Registry, TaskPolicy, Worker, WorkerOptions};
 use tokio_util::sync::CancellationToken;
 
@@ -309,23 +309,21 @@ async fn publish_raw_h(
     Ok(())
 }
 
-/// `n` no-op tasks through the client and the runtime; returns tasks per second.
-async fn e2e(
+/// The config of the one `bench` category the in-process workloads use (no seed
+/// categories, no default schedules), and a connection with its topology provisioned.
+pub(super) async fn bench_category(
     url: &str,
-    n: usize,
     concurrency: usize,
-    window: usize,
     results: bool,
-    prefill: bool,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<(Arc<Config>, taskmesh_nats::Connection)> {
     let mut cfg = Config {
         seed_categories: false,
         ..Config::default()
     };
     cfg.categories.clear();
-    let cat: Category = "bench".parse()?;
+    cfg.scheduler.default_schedules = false;
     cfg.categories.insert(
-        cat.clone(),
+        "bench".parse()?,
         CategoryConfig {
             concurrency,
             max_ack_pending: 20_000,
@@ -337,6 +335,19 @@ async fn e2e(
     let cfg = Arc::new(cfg);
     let conn = taskmesh_nats::connect(&cfg.nats, "bench", Duration::from_secs(5)).await?;
     taskmesh_nats::provision(&conn.js, &cfg).await?;
+    Ok((cfg, conn))
+}
+
+/// `n` no-op tasks through the client and the runtime; returns tasks per second.
+async fn e2e(
+    url: &str,
+    n: usize,
+    concurrency: usize,
+    window: usize,
+    results: bool,
+    prefill: bool,
+) -> anyhow::Result<f64> {
+    let (cfg, conn) = bench_category(url, concurrency, results).await?;
     let mut reg = Registry::new();
     reg.register(
         "bench.noop",
